@@ -1,0 +1,162 @@
+"""Time one DAPO training step, part by part: generation, reward, log-probs, backward/optimizer, tokens/s.
+
+The step makes the same calls as dapo.py, with its constants (temperature, reward weights, clip 0.2/0.28,
+token-level loss, 1 epoch, 1 mini-batch, overlong filtering). Unlike the trainer it runs one generation round
+and keeps every group (no dynamic-sampling refills), so the batch shape is exactly the one asked for.
+One warm-up step, then --repeats timed steps; each part is the median over the repeats. Nothing is downloaded.
+
+  python benchmarks/step_time.py                                    # embedded tiny VLM (built in .cache first)
+  python benchmarks/step_time.py --model random:tiny --repeats 2 --threads 1
+  python benchmarks/step_time.py --model random:small --prompts 2 --group-size 4 --repeats 1
+  python benchmarks/step_time.py --model random:tiny --kl-beta 0.04  # adds the reference-model pass
+  python benchmarks/step_time.py --model /models/Qwen2.5-VL-3B-Instruct --device cuda --micro-batch-size 16
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+os.environ["TQDM_DISABLE"] = "1"  # must precede the first tqdm import: tqdm reads TQDM_* once, at import
+os.environ["HF_HUB_OFFLINE"] = "1"  # a name that is not a local folder fails instead of downloading
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import dapo as D  # noqa: E402  (the trainer's constants)
+from data.synthetic import SyntheticVQA  # noqa: E402
+from utils.logprobs import batched_logprobs  # noqa: E402
+from utils.model import (default_dtype, load_model, load_processor, resolve_devices,  # noqa: E402
+                         suppressed_token_ids)
+from utils.rewards import score_completions  # noqa: E402
+from utils.rl import group_advantages, overlong_loss_mask  # noqa: E402
+from utils.rollout import generate, select_rows  # noqa: E402
+from utils.tiny_vlm import RECIPE, build_model, build_processor, ensure_tiny_vlm, train_tokenizer  # noqa: E402
+from utils.update import policy_update  # noqa: E402
+
+# "small": head_dim 512/8 = 64, mrope 8+12+12 = 32 = head_dim/2; vision head dim 256/4 = 64.
+SMALL_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12])
+SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=RECIPE["vision"]["patch_size"])
+
+
+def load(spec, device):
+    """(model, processor) for "embedded", "random:tiny", "random:small" or a local checkpoint folder."""
+    if spec.startswith("random:"):
+        sizes = {"tiny": (None, None), "small": (SMALL_TEXT, SMALL_VISION)}
+        if spec[7:] not in sizes:
+            raise SystemExit(f"unknown preset {spec!r}; expected random:tiny or random:small")
+        tokenizer = train_tokenizer(RECIPE["vocab_size"])
+        processor = build_processor(tokenizer, RECIPE["vision"]["patch_size"], RECIPE["image_size"])
+        model = build_model(tokenizer, *sizes[spec[7:]], seed=0)
+        return model.to(device, default_dtype(device)), processor
+    path = ensure_tiny_vlm(os.path.join(ROOT, ".cache")) if spec == "embedded" else spec
+    if not os.path.isdir(path):
+        raise SystemExit(f"--model {spec!r}: not 'embedded', 'random:<preset>' or a local folder")
+    return load_model(path, device, default_dtype(device)), load_processor(path)
+
+
+def one_step(args, policy, reference, optimizer, processor, examples, suppress, device):
+    """Run one training step; returns ({part: seconds}, completion tokens, prompt + completion tokens)."""
+    times, G = {}, args.group_size
+
+    def sync():  # GPU kernels run asynchronously: wait for them before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(part, fn):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        times[part] = time.perf_counter() - start
+        return out
+
+    t0 = time.perf_counter()
+    rollout = timed("generation", lambda: generate(policy, processor, examples, G, args.max_new_tokens, D.TEMPERATURE,
+                                                   D.TOP_P, suppress_ids=suppress, batch_size=D.GENERATION_BATCH_SIZE))
+    rewards = timed("reward", lambda: score_completions(
+        rollout.texts, [ex["solution"] for ex in rollout.examples], rollout.completion_mask.sum(1).tolist(),
+        {"accuracy": D.W_ACCURACY, "format": D.W_FORMAT}, args.max_new_tokens, D.OVERLONG_BUFFER,
+        D.SOFT_OVERLONG_PUNISHMENT, D.NEGATIVE_ACCURACY_REWARD))
+    rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
+    batch = select_rows(rollout, list(range(len(rollout))))  # every group kept
+    advantages = group_advantages(batch.rewards["total"], G, D.SCALE_ADVANTAGE_BY_STD)
+    loss_mask = overlong_loss_mask(batch.completion_mask.float(), batch.truncated)
+    lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, args.micro_batch_size, D.TEMPERATURE)
+    logp_old, ref_logp = timed("log-probs", lambda: (
+        batched_logprobs(policy, *lp_args), batched_logprobs(reference, *lp_args) if reference is not None else None))
+
+    def update():
+        dapo_args = dict(clip_low=D.CLIP_EPS_LOW, clip_high=D.CLIP_EPS_HIGH, entropy_coef=D.ENTROPY_COEF,
+                         aggregation=D.LOSS_AGGREGATION, epochs=D.PPO_EPOCHS, mini_batches=D.MINI_BATCHES,
+                         max_grad_norm=D.MAX_GRAD_NORM, temperature=D.TEMPERATURE)
+        policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, ref_logp=ref_logp,
+                      kl_beta=args.kl_beta, micro_batch_size=args.micro_batch_size, **dapo_args)
+
+    timed("backward/optimizer", update)
+    times["step"] = time.perf_counter() - t0
+    times["other"] = times["step"] - sum(v for k, v in times.items() if k != "step")
+    completion = int(batch.completion_mask.sum())
+    return times, completion, completion + int(batch.prompt_inputs["attention_mask"].sum())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="embedded", help="embedded | random:tiny | random:small | checkpoint folder")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--micro-batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--kl-beta", type=float, default=0.0, help="> 0 adds a reference model and its log-prob pass")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    args = p.parse_args()
+    if min(args.prompts, args.group_size, args.max_new_tokens, args.micro_batch_size, args.repeats) < 1:
+        p.error("--prompts, --group-size, --max-new-tokens, --micro-batch-size and --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = resolve_devices(args.device, args.device)[0]
+    except ValueError as e:
+        raise SystemExit(str(e))
+    torch.manual_seed(D.SEED)
+    policy, processor = load(args.model, device)
+    policy.train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_beta > 0 else None
+    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=D.LEARNING_RATE,
+                                  weight_decay=D.WEIGHT_DECAY)
+    suppress = suppressed_token_ids(processor.tokenizer)
+    data = SyntheticVQA(10**6, seed=D.SEED, split="train")
+    runs = []
+    for step in range(1 + args.repeats):  # step 0 is the warm-up
+        examples = [data[step * args.prompts + i] for i in range(args.prompts)]
+        runs.append(one_step(args, policy, reference, optimizer, processor, examples, suppress, device))
+    runs = runs[1:]
+    med = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
+    n_params = sum(q.numel() for q in policy.parameters()) / 1e6
+    B = args.prompts * args.group_size
+    print(f"\nmodel {args.model} ({n_params:.2f}M parameters, {next(policy.parameters()).dtype}) | batch "
+          f"{args.prompts} prompts x {args.group_size} = {B} sequences, <= {args.max_new_tokens} new tokens, "
+          f"micro-batch {args.micro_batch_size} | kl_beta {args.kl_beta} | threads {torch.get_num_threads()} | "
+          f"device {device} | median of {args.repeats} step(s) after 1 warm-up")
+    lp_label = "log-probs (pi_old + ref)" if reference is not None else "log-probs (pi_old)"
+    labels = {"generation": "generation", "reward": "reward", "log-probs": lp_label,
+              "backward/optimizer": "backward/optimizer", "other": "other (advantages, masks)", "step": "step total"}
+    print(f"{'part':<26}{'seconds':>10}{'share':>9}")
+    for key, label in labels.items():
+        print(f"{label:<26}{med[key]:>10.3f}{100 * med[key] / med['step']:>8.1f}%")
+    gen = statistics.median(r[1] for r in runs)
+    trained = statistics.median(r[2] for r in runs)
+    gen_rate = statistics.median(r[1] / r[0]["step"] for r in runs)
+    trained_rate = statistics.median(r[2] / r[0]["step"] for r in runs)
+    print(f"generated tokens/s  {gen_rate:>10.1f}   ({gen:.0f} completion tokens per step, {gen / B:.1f} per sequence)")
+    print(f"trained tokens/s    {trained_rate:>10.1f}   ({trained:.0f} prompt + completion tokens per step)")
+
+
+if __name__ == "__main__":
+    main()

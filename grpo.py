@@ -1,0 +1,233 @@
+"""GRPO for vision-language models (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300) — the baseline for DAPO.
+
+For each prompt, sample a group of G completions, score them, and use the group-normalised reward
+(R - mean) / std as every token's advantage in a PPO-style clipped objective:
+
+* the ratio is clipped symmetrically to [0.8, 1.2];
+* the loss is the mean over sequences of each sequence's token mean (sample-level);
+* a k3 KL penalty (β = 0.04) keeps the policy near the reference (the starting model);
+* every group is trained on, even when all its completions got the same reward (zero advantage).
+
+GRPO samples 24 prompts per step where DAPO samples rounds of 8 until 8 informative groups are found (2-3
+rounds on average in the default run): both spend a similar sampling budget per step. With 8 prompts, GRPO
+trains on only 2-3 informative groups per step and did not learn the default task within 40 steps.
+
+This file declares the same constants in the same order as dapo.py; `diff grpo.py dapo.py` shows what DAPO
+changes. Run `python grpo.py` (or override constants: `python grpo.py --TOTAL_STEPS=10`).
+"""
+
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import PromptSampler, load_split
+from utils.config import apply_overrides, constants_of, format_config
+from utils.evaluate import evaluate
+from utils.model import (EMBEDDED_MODEL, default_dtype, load_model, load_processor, make_rollout_model,
+                         resolve_devices, suppressed_token_ids, sync_rollout_model)
+from utils.rewards import score_completions
+from utils.rl import group_advantages, informative_groups, overlong_loss_mask
+from utils.logprobs import batched_logprobs
+from utils.rollout import concat_rollouts, generate, select_rows
+from utils.runlog import SHOWN_METRICS, RunLog, perf_metrics, rollout_metrics
+from utils.tiny_vlm import ensure_tiny_vlm
+from utils.update import policy_update
+
+# ── Model and devices ─────────────────────────────────────────────────────────────────────────────
+MODEL_NAME_OR_PATH = "embedded-tiny-vlm"  # Qwen2-VL / Qwen2.5-VL hub name or folder; "embedded-tiny-vlm" = built locally
+MODEL_CACHE_DIR = ".cache"  # folder where the embedded tiny VLM is built once and reused
+TRUST_REMOTE_CODE = False  # bool; only for checkpoints whose code you trust
+POLICY_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; auto: cuda:0 if there is a GPU, else cpu
+ROLLOUT_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; reference + generation copy; auto: cuda:1 with 2 GPUs
+CPU_THREADS = 2  # torch threads on CPU; 0 = torch's default. Use 1 when another job shares the cores
+GRADIENT_CHECKPOINTING = False  # bool; trade compute for memory on large models
+FREEZE_VISION_TOWER = False  # bool; train only the language model (and the vision-language merger)
+SEED = 0  # int; seeds torch, data order and sampling
+
+# ── Data ──────────────────────────────────────────────────────────────────────────────────────────
+DATASET = "synthetic"  # "synthetic" | HF hub name | save_to_disk folder | .parquet | .jsonl (image paths)
+TRAIN_SPLIT = "train"  # split name for HF sources
+EVAL_SPLIT = "test"  # held-out split name
+QUESTION_KINDS = ["count"]  # synthetic only: any of "colour", "shape", "count" (the warm start left count to RL)
+IMAGE_SIZE = 56  # synthetic only: pixels per side (multiple of 14)
+MAX_OBJECTS = 4  # synthetic only: 1..4 objects per image
+SHUFFLE_OPTIONS = False  # synthetic only: list options A-D in random order (much harder for a tiny model)
+TRAIN_SIZE = 100_000  # synthetic only: number of training examples
+EVAL_SAMPLES = 240  # held-out examples scored at each evaluation
+
+# ── Rollout ───────────────────────────────────────────────────────────────────────────────────────
+TRAIN_BATCH_PROMPTS = 24  # prompts (groups) per training batch
+GROUP_SIZE = 8  # G: completions sampled per prompt
+MAX_NEW_TOKENS = 24  # L_max: completion length limit in tokens
+TEMPERATURE = 1.0  # sampling temperature (log-probs are computed at the same temperature)
+TOP_P = 1.0  # nucleus sampling; 1.0 = off
+GENERATION_BATCH_SIZE = 128  # sequences generated at once
+
+# ── Rewards ───────────────────────────────────────────────────────────────────────────────────────
+W_ACCURACY = 3.0  # weight of the accuracy reward (1 right / 0 wrong)
+W_FORMAT = 1.0  # weight of the format reward (<think>…</think> then the answer)
+NEGATIVE_ACCURACY_REWARD = False  # bool; accuracy is +1/-1 instead of 1/0 (DAPO paper's rule-based reward)
+SOFT_OVERLONG_PUNISHMENT = False  # bool; DAPO Eq. 13 length penalty in the last OVERLONG_BUFFER tokens
+OVERLONG_BUFFER = 8  # L_cache in tokens
+
+# ── Algorithm ─────────────────────────────────────────────────────────────────────────────────────
+LOSS_AGGREGATION = "sample"  # "token" (DAPO: mean over all tokens) | "sample" (GRPO: mean of sequence means)
+CLIP_EPS_LOW = 0.2  # ratio lower clip: 1 - CLIP_EPS_LOW
+CLIP_EPS_HIGH = 0.2  # ratio upper clip: 1 + CLIP_EPS_HIGH (DAPO's Clip-Higher)
+KL_BETA = 0.04  # β of the k3 KL penalty to the reference model; 0 = no reference model is loaded
+ENTROPY_COEF = 0.0  # entropy bonus coefficient (0 = off)
+SCALE_ADVANTAGE_BY_STD = True  # bool; False = Dr.GRPO advantages (R - mean, no division by std)
+DYNAMIC_SAMPLING = False  # bool; drop all-right / all-wrong groups and refill with new prompts
+MAX_GEN_BATCHES = 4  # generation rounds per step at most when refilling; then train on what is there
+OVERLONG_FILTERING = False  # bool; truncated completions get loss weight 0
+
+# ── Optimisation ──────────────────────────────────────────────────────────────────────────────────
+TOTAL_STEPS = 100  # training steps (one rollout batch each)
+LEARNING_RATE = 5e-4  # AdamW; the tiny model wants ~5e-4, a 3B model ~1e-6
+WEIGHT_DECAY = 0.0  # AdamW weight decay
+PPO_EPOCHS = 1  # passes over each rollout batch
+MINI_BATCHES = 1  # optimizer steps per pass (the batch is split into this many mini-batches)
+MICRO_BATCH_SIZE = 64  # sequences per forward/backward (gradient accumulation); lower it to save memory
+MAX_GRAD_NORM = 1.0  # gradient clipping
+
+# ── Evaluation, logging, checkpoints ──────────────────────────────────────────────────────────────
+EVAL_EVERY = 20  # steps between held-out evaluations (also at step 0 and at the end)
+SAVE_EVERY = 0  # steps between checkpoints; 0 = only at the end
+RUNS_DIR = "runs"  # run folders go to RUNS_DIR/<trainer>_<timestamp>/, e.g. runs/dapo_20261122_101500/
+
+
+def main(argv=None):
+    cfg = apply_overrides(constants_of(globals()), sys.argv[1:] if argv is None else argv)
+    algo = os.path.splitext(os.path.basename(__file__))[0]
+    run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__)
+    log = run.print
+    log(f"run folder: {run.dir}\nconfig:\n{format_config(cfg)}")
+    torch.manual_seed(cfg["SEED"])
+    if cfg["CPU_THREADS"]:
+        torch.set_num_threads(cfg["CPU_THREADS"])
+
+    # ── Model, reference, rollout copy ──
+    policy_device, rollout_device = resolve_devices(cfg["POLICY_DEVICE"], cfg["ROLLOUT_DEVICE"])
+    path = cfg["MODEL_NAME_OR_PATH"]
+    if path == EMBEDDED_MODEL:
+        path = ensure_tiny_vlm(cfg["MODEL_CACHE_DIR"], log)
+    processor = load_processor(path, cfg["TRUST_REMOTE_CODE"])
+    policy = load_model(path, policy_device, default_dtype(policy_device), cfg["TRUST_REMOTE_CODE"])
+    if cfg["GRADIENT_CHECKPOINTING"]:
+        policy.gradient_checkpointing_enable()
+    if cfg["FREEZE_VISION_TOWER"]:
+        policy.model.visual.requires_grad_(False)
+        policy.model.visual.merger.requires_grad_(True)
+    policy.train()
+    rollout_model = make_rollout_model(policy, rollout_device)
+    reference = None
+    if cfg["KL_BETA"] > 0:  # β = 0: no reference model at all
+        reference = load_model(path, rollout_device, default_dtype(rollout_device), cfg["TRUST_REMOTE_CODE"]).eval()
+        reference.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg["LEARNING_RATE"],
+                                  weight_decay=cfg["WEIGHT_DECAY"])
+    suppress = suppressed_token_ids(processor.tokenizer)
+    log(f"policy on {policy_device}, rollout on {rollout_device}, reference: {'yes' if reference else 'none'}, "
+        f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
+
+    # ── Data ──
+    split_args = dict(seed=cfg["SEED"], kinds=cfg["QUESTION_KINDS"], image_size=cfg["IMAGE_SIZE"],
+                      max_objects=cfg["MAX_OBJECTS"], shuffle_options=cfg["SHUFFLE_OPTIONS"], log=log)
+    train_data = load_split(cfg["DATASET"], cfg["TRAIN_SPLIT"], cfg["TRAIN_SIZE"], **split_args)
+    eval_data = load_split(cfg["DATASET"], cfg["EVAL_SPLIT"], cfg["EVAL_SAMPLES"], **split_args)
+    prompts = PromptSampler(train_data, cfg["SEED"])
+    G = cfg["GROUP_SIZE"]
+
+    def sample_and_score(examples):
+        """G completions for each example, with every reward component."""
+        rollout = generate(rollout_model, processor, examples, G, cfg["MAX_NEW_TOKENS"], cfg["TEMPERATURE"],
+                           cfg["TOP_P"], suppress_ids=suppress, batch_size=cfg["GENERATION_BATCH_SIZE"])
+        rewards = score_completions(
+            rollout.texts, [ex["solution"] for ex in rollout.examples], rollout.completion_mask.sum(1).tolist(),
+            {"accuracy": cfg["W_ACCURACY"], "format": cfg["W_FORMAT"]}, cfg["MAX_NEW_TOKENS"],
+            cfg["OVERLONG_BUFFER"], cfg["SOFT_OVERLONG_PUNISHMENT"], cfg["NEGATIVE_ACCURACY_REWARD"],
+        )
+        rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
+        return rollout
+
+    def run_eval():
+        return evaluate(rollout_model, processor, eval_data, cfg["EVAL_SAMPLES"], cfg["MAX_NEW_TOKENS"],
+                        cfg["GENERATION_BATCH_SIZE"], suppress)
+
+    eval_metrics = run_eval()
+    log("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in eval_metrics.items()))
+    run.log_metrics({"step": 0, **eval_metrics})
+    pad_id = processor.tokenizer.pad_token_id
+
+    for step in tqdm(range(1, cfg["TOTAL_STEPS"] + 1), desc=algo, dynamic_ncols=True):
+        t0 = time.time()
+        # ── 1. Sample and score. Dynamic sampling keeps only informative groups (0 < #correct < G) and
+        #       draws new prompts until TRAIN_BATCH_PROMPTS groups are kept or MAX_GEN_BATCHES rounds ran. ──
+        max_rounds = cfg["MAX_GEN_BATCHES"] if cfg["DYNAMIC_SAMPLING"] else 1
+        generated, kept_rows = [], []
+        while len(kept_rows) < cfg["TRAIN_BATCH_PROMPTS"] * G and len(generated) < max_rounds:
+            rollout = sample_and_score(prompts.next(cfg["TRAIN_BATCH_PROMPTS"]))
+            keep = informative_groups(rollout.rewards["accuracy"], G)  # [groups]
+            if not cfg["DYNAMIC_SAMPLING"]:
+                keep[:] = True
+            offset = sum(len(r) for r in generated)
+            kept_rows += [offset + g * G + i for g in keep.nonzero().flatten().tolist() for i in range(G)]
+            generated.append(rollout)
+        generate_s = time.time() - t0
+        everything = concat_rollouts(generated, pad_id)  # every completion of this step, for the reward logs
+        kept_rows = kept_rows[: cfg["TRAIN_BATCH_PROMPTS"] * G]
+        n_groups = len(everything) // G
+        metrics = {"step": step, **rollout_metrics(everything), "dapo/gen_batches": len(generated),
+                   "dapo/kept_group_frac": len(kept_rows) / G / n_groups, "dapo/train_groups": len(kept_rows) // G,
+                   "dapo/flat_group_frac": (~informative_groups(everything.rewards["accuracy"], G)).float().mean().item()}
+        if not kept_rows:
+            log(f"WARNING: step {step}: no informative group in {len(generated)} generation rounds; no update")
+            run.log_metrics({**metrics, **perf_metrics(t0, generate_s, 0.0, 0.0, everything.completion_mask.sum().item())})
+            continue
+        batch = select_rows(everything, kept_rows)
+
+        # ── 2. Advantages: group-normalised rewards, one per completion ──
+        advantages = group_advantages(batch.rewards["total"], G, cfg["SCALE_ADVANTAGE_BY_STD"])  # [B]
+        loss_mask = batch.completion_mask.float()  # [B, L]
+        if cfg["OVERLONG_FILTERING"]:
+            loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
+
+        # ── 3. Log-probs of the rollout policy (π_old) and of the reference ──
+        t_lp = time.time()
+        lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
+                   cfg["TEMPERATURE"])
+        logp_old = batched_logprobs(rollout_model, *lp_args)  # [B, L]
+        ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
+        logprob_time = time.time() - t_lp
+
+        # ── 4. Policy update, then refresh the generation copy ──
+        t_up = time.time()
+        stats = policy_update(
+            policy, optimizer, batch, advantages, logp_old, loss_mask, ref_logp=ref_logp,
+            clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], kl_beta=cfg["KL_BETA"],
+            entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"], epochs=cfg["PPO_EPOCHS"],
+            mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
+            max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], log=log,
+        )
+        sync_rollout_model(policy, rollout_model)
+        update_time = time.time() - t_up
+
+        # ── 5. Log, evaluate, checkpoint ──
+        metrics.update({f"policy/{k}": v for k, v in stats.items()})
+        metrics["policy/advantage_abs_mean"] = advantages.abs().mean().item()
+        metrics.update(perf_metrics(t0, generate_s, logprob_time, update_time, everything.completion_mask.sum().item()))
+        if step % cfg["EVAL_EVERY"] == 0 or step == cfg["TOTAL_STEPS"]:
+            metrics.update(run_eval())
+        run.log_metrics(metrics)
+        run.print_metrics(metrics, SHOWN_METRICS)
+        if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or step == cfg["TOTAL_STEPS"]:
+            log(f"checkpoint: {run.save_checkpoint(policy, processor, step)}")
+    log(f"done: {run.dir}")
+    return run.dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Hand-computed checks of every formula in SPEC §5 (and §4's soft overlong punishment)."""
+
+import math
+
+import pytest
+import torch
+
+from utils.rewards import accuracy_reward, extract_answer, format_reward, score_completions, soft_overlong_punishment
+from utils.rl import aggregate, clipped_surrogate, group_advantages, informative_groups, k3_kl, overlong_loss_mask
+
+
+def test_group_advantages_by_hand():
+    # Group [3, 1, 1, 3]: mean 2, unbiased std sqrt(4/3) = 1.1547 -> ±1/1.1547 = ±0.8660.
+    rewards = torch.tensor([3.0, 1.0, 1.0, 3.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(rewards, group_size=4)
+    expected = torch.tensor([0.8660254, -0.8660254, -0.8660254, 0.8660254, 0, 0, 0, 0])
+    assert torch.allclose(adv, expected, atol=1e-5)
+    # Dr.GRPO: no division by the std.
+    assert torch.allclose(group_advantages(rewards, 4, scale_by_std=False), torch.tensor([1.0, -1, -1, 1, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, loss, low, high",
+    [
+        (1.5, 1.0, -1.28, False, True),  # above 1 + 0.28 with A > 0: clipped (upper side)
+        (1.5, -1.0, 1.5, False, False),  # above the clip with A < 0: the unclipped term is the min
+        (0.5, -1.0, 0.8, True, False),  # below 1 - 0.2 with A < 0: clipped (lower side)
+        (0.5, 1.0, -0.5, False, False),  # below the clip with A > 0: unclipped
+        (1.1, 1.0, -1.1, False, False),  # inside the trust region
+    ],
+)
+def test_clipped_surrogate_both_sides(ratio, advantage, loss, low, high):
+    logp_old = torch.tensor([[-1.0]])
+    logp = logp_old + math.log(ratio)
+    out, clipped_low, clipped_high = clipped_surrogate(logp, logp_old, torch.tensor([[advantage]]), 0.2, 0.28)
+    assert out.item() == pytest.approx(loss, abs=1e-6)
+    assert clipped_low.item() == low and clipped_high.item() == high
+
+
+def test_clip_higher_differs_from_symmetric_clip():
+    logp_old = torch.tensor([[0.0]])
+    logp = torch.tensor([[math.log(1.25)]])
+    grpo, _, high_grpo = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), 0.2, 0.2)
+    dapo, _, high_dapo = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), 0.2, 0.28)
+    assert grpo.item() == pytest.approx(-1.2) and high_grpo.item()
+    assert dapo.item() == pytest.approx(-1.25) and not high_dapo.item()
+
+
+def test_aggregations_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # token level: (1 + 2 + 3 + 4) / 4 tokens; sample level: mean(2, 4).
+    assert aggregate(per_token, mask, "token", total_tokens=4, total_sequences=2).item() == pytest.approx(2.5)
+    assert aggregate(per_token, mask, "sample", total_tokens=4, total_sequences=2).item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="token"):
+        aggregate(per_token, mask, "batch", 4, 2)
+
+
+def test_k3_by_hand():
+    logp = torch.tensor([0.0, -1.0])
+    ref = torch.tensor([math.log(2.0), -1.0])
+    # exp(log 2) - log 2 - 1 = 0.306853; identical log-probs give 0.
+    assert torch.allclose(k3_kl(logp, ref), torch.tensor([2 - math.log(2) - 1, 0.0]), atol=1e-6)
+    assert (k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+@pytest.mark.parametrize("length, expected", [(10, 0.0), (15, 0.0), (17, -0.4), (19, -0.8), (20, -1.0), (21, -1.0)])
+def test_soft_overlong_punishment(length, expected):
+    # L_max = 20, L_cache = 5: no penalty up to 15 tokens, linear to -1 at 20, -1 beyond.
+    assert soft_overlong_punishment(length, max_length=20, cache_length=5) == pytest.approx(expected)
+
+
+def test_dynamic_sampling_filter():
+    accuracy = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1])
+    assert informative_groups(accuracy, 4).tolist() == [True, False, False, True]
+    # With the +1/-1 accuracy reward, -1 is wrong.
+    assert informative_groups(torch.tensor([1.0, -1, -1, -1]), 4).tolist() == [True]
+
+
+def test_overlong_mask():
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+    out = overlong_loss_mask(mask, torch.tensor([False, True]))
+    assert out.tolist() == [[1, 1, 0], [0, 0, 0]]
+
+
+def test_rewards_by_hand():
+    good = "<think>the shapes are red</think>Answer: B"
+    assert extract_answer(good) == "B" and extract_answer("<answer> C </answer>") == "C"
+    assert extract_answer("no answer here") is None
+    assert accuracy_reward(good, "B") == 1.0 and accuracy_reward(good, "C") == 0.0
+    assert accuracy_reward(good, "C", negative=True) == -1.0
+    assert format_reward(good) == 1.0
+    assert format_reward("Answer: B") == 0.0
+    assert format_reward("<think>a<think>b</think>Answer: B") == 0.0
+    scores = score_completions([good, "Answer: C"], ["B", "B"], [18, 20], {"accuracy": 3.0, "format": 1.0},
+                               max_length=20, overlong_buffer=5)
+    assert scores["accuracy"] == [1.0, 0.0] and scores["format"] == [1.0, 0.0]
+    assert scores["overlong"] == pytest.approx([-0.6, -1.0])
+    assert scores["total"] == pytest.approx([3.4, -1.0])
+
+
+def _toy_policy_loss(weight, features, tokens, logp_old, advantages, mask, rows, level, total_tokens, total_seqs):
+    """A linear 'policy' over a 5-token vocabulary, so that gradients are cheap and exact."""
+    logits = features[rows] @ weight  # [b, L, V]
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
+    per_token, _, _ = clipped_surrogate(logp, logp_old[rows], advantages[rows].unsqueeze(1), 0.2, 0.28)
+    return aggregate(per_token, mask[rows], level, total_tokens, total_seqs)
+
+
+@pytest.mark.parametrize("level", ["token", "sample"])
+def test_loss_and_gradient_do_not_depend_on_micro_batches(level):
+    torch.manual_seed(0)
+    B, L, D, V = 6, 7, 4, 5
+    features, tokens = torch.randn(B, L, D), torch.randint(0, V, (B, L))
+    logp_old, advantages = -torch.rand(B, L) * 2, torch.randn(B)
+    lengths = torch.tensor([7, 2, 5, 1, 6, 3])
+    mask = (torch.arange(L) < lengths.unsqueeze(1)).float()  # sequences of very different lengths
+    total_tokens, total_seqs = int(mask.sum()), B
+
+    def loss_and_grad(splits):
+        weight = torch.randn(D, V, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        total = 0.0
+        for rows in splits:
+            loss = _toy_policy_loss(weight, features, tokens, logp_old, advantages, mask, rows, level,
+                                    total_tokens, total_seqs)
+            loss.backward()
+            total += loss.item()
+        return total, weight.grad
+
+    full_loss, full_grad = loss_and_grad([list(range(B))])
+    split_loss, split_grad = loss_and_grad([[0, 1], [2], [3, 4, 5]])
+    assert split_loss == pytest.approx(full_loss, abs=1e-6)
+    assert torch.allclose(split_grad, full_grad, atol=1e-6)
+
+
+def test_per_micro_batch_token_mean_would_not_be_invariant():
+    """The property above is not automatic: normalising by each micro-batch's own token count breaks it."""
+    torch.manual_seed(0)
+    per_token, mask = torch.randn(4, 6), (torch.arange(6) < torch.tensor([[6], [1], [3], [2]])).float()
+    full = aggregate(per_token, mask, "token", int(mask.sum()), 4)
+    naive = sum(aggregate(per_token[r], mask[r], "token", int(mask[r].sum()), 2) for r in ([0, 1], [2, 3])) / 2
+    assert not torch.isclose(full, naive)

@@ -1,0 +1,69 @@
+"""The trainers' constants: same layout in grpo.py and dapo.py, documented, and validated overrides."""
+
+import ast
+import os
+
+import pytest
+
+import dapo
+import grpo
+from utils.config import apply_overrides, constants_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def constant_lines(path):
+    """(name, source line) of each module-level UPPER_CASE assignment, in order."""
+    source = open(path).read()
+    lines = source.splitlines()
+    return [(node.targets[0].id, lines[node.lineno - 1]) for node in ast.parse(source).body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()]
+
+
+def test_grpo_and_dapo_declare_the_same_constants_in_the_same_order():
+    dapo_names = [name for name, _ in constant_lines(os.path.join(ROOT, "dapo.py"))]
+    grpo_names = [name for name, _ in constant_lines(os.path.join(ROOT, "grpo.py"))]
+    assert dapo_names == grpo_names
+    assert list(constants_of(vars(dapo))) == dapo_names
+
+
+def test_every_constant_has_a_trailing_comment():
+    for path in ("dapo.py", "grpo.py"):
+        for name, line in constant_lines(os.path.join(ROOT, path)):
+            assert "  # " in line and line.split("  # ", 1)[1].strip(), f"{path}: {name} has no trailing comment"
+
+
+def test_the_algorithms_differ_where_the_spec_says():
+    d, g = constants_of(vars(dapo)), constants_of(vars(grpo))
+    assert (d["CLIP_EPS_LOW"], d["CLIP_EPS_HIGH"], g["CLIP_EPS_HIGH"]) == (0.2, 0.28, 0.2)
+    assert (d["LOSS_AGGREGATION"], g["LOSS_AGGREGATION"]) == ("token", "sample")
+    assert (d["KL_BETA"], g["KL_BETA"]) == (0.0, 0.04)
+    assert d["DYNAMIC_SAMPLING"] and not g["DYNAMIC_SAMPLING"]
+    assert d["OVERLONG_FILTERING"] and not g["OVERLONG_FILTERING"]
+    differing = {k for k in d if d[k] != g[k]}
+    assert differing == {"TRAIN_BATCH_PROMPTS", "SOFT_OVERLONG_PUNISHMENT", "LOSS_AGGREGATION", "CLIP_EPS_HIGH", "KL_BETA",
+                         "DYNAMIC_SAMPLING", "OVERLONG_FILTERING"}
+
+
+def test_overrides_are_typed():
+    cfg = constants_of(vars(dapo))
+    out = apply_overrides(cfg, ["--TOTAL_STEPS=7", "--KL_BETA=0.1", "--DYNAMIC_SAMPLING=false",
+                                "--QUESTION_KINDS=['count']", "--DATASET=my/data"])
+    assert out["TOTAL_STEPS"] == 7 and out["KL_BETA"] == 0.1 and out["DYNAMIC_SAMPLING"] is False
+    assert out["QUESTION_KINDS"] == ["count"] and out["DATASET"] == "my/data"
+    assert apply_overrides(cfg, ["--KL_BETA=1"])["KL_BETA"] == 1.0  # an int is a fine float
+    assert cfg["TOTAL_STEPS"] != 7  # the defaults are untouched
+
+
+def test_unknown_key_names_close_matches():
+    with pytest.raises(ValueError, match="--TOTAL_STEPS"):
+        apply_overrides(constants_of(vars(dapo)), ["--TOTAL_STEP=3"])
+    with pytest.raises(ValueError, match="unknown constant --NOPE$"):
+        apply_overrides(constants_of(vars(dapo)), ["--NOPE=3"])
+
+
+@pytest.mark.parametrize("arg", ["--TOTAL_STEPS=ten", "--KL_BETA=abc", "--DYNAMIC_SAMPLING=maybe",
+                                 "--QUESTION_KINDS=count", "--TOTAL_STEPS"])
+def test_wrong_types_are_errors(arg):
+    with pytest.raises(ValueError):
+        apply_overrides(constants_of(vars(dapo)), [arg])

@@ -1,0 +1,74 @@
+"""Trainer constants as a config: collected from a trainer module, overridden by validated `--KEY=value` flags."""
+
+import ast
+import difflib
+import json
+
+
+def constants_of(namespace):
+    """The UPPER_CASE constants a trainer module assigns at top level (not those it imports), in order."""
+    with open(namespace["__file__"]) as f:
+        tree = ast.parse(f.read())
+    names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+             if isinstance(t, ast.Name) and t.id.isupper()]
+    return {name: namespace[name] for name in names}
+
+
+def parse_value(key, text, default):
+    """`text` converted to the type of `default`; a clear error when it does not fit."""
+    def fail(expected):
+        raise ValueError(f"--{key}={text}: expected {expected} (default is {default!r})")
+
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        fail("a boolean (True/False)")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            fail("an integer")
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            fail("a number")
+    if isinstance(default, str):
+        return text
+    if default is None:  # an optional value: a literal if it parses as one, else the string
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        fail(f"a Python literal of type {type(default).__name__}")
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if not isinstance(value, type(default)):
+        fail(f"a {type(default).__name__}")
+    return value
+
+
+def apply_overrides(config, argv):
+    """A copy of `config` with `--KEY=value` arguments applied. Unknown keys and bad values raise ValueError."""
+    config = dict(config)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"argument {arg!r} is not of the form --KEY=value (e.g. --TOTAL_STEPS=10)")
+        key, text = arg[2:].split("=", 1)
+        if key not in config:
+            close = difflib.get_close_matches(key.upper(), list(config), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ValueError(f"unknown constant --{key}{hint}")
+        config[key] = parse_value(key, text, config[key])
+    return config
+
+
+def format_config(config):
+    width = max(len(k) for k in config)
+    return "\n".join(f"  {k:<{width}} = {json.dumps(v) if not isinstance(v, str) else repr(v)}" for k, v in config.items())

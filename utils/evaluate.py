@@ -1,0 +1,32 @@
+"""Held-out evaluation: greedy accuracy and format rate."""
+
+from collections import defaultdict
+
+import torch
+
+from utils.rewards import accuracy_reward, format_reward
+from utils.rollout import generate
+
+
+@torch.no_grad()
+def evaluate(model, processor, dataset, n_samples, max_new_tokens, batch_size, suppress_ids=()):
+    """Greedy decoding on the first `n_samples` examples of `dataset`.
+
+    Returns {"eval/accuracy", "eval/format"} and, when examples carry a "kind", "eval/accuracy/<kind>".
+    """
+    was_training = model.training
+    model.eval()
+    examples = [dataset[i] for i in range(min(n_samples, len(dataset)))]
+    correct, formatted, by_kind = [], [], defaultdict(list)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        rollout = generate(model, processor, chunk, 1, max_new_tokens, greedy=True, suppress_ids=suppress_ids)
+        for ex, text in zip(chunk, rollout.texts):
+            correct.append(accuracy_reward(text, ex["solution"]))
+            formatted.append(format_reward(text))
+            if "kind" in ex:
+                by_kind[ex["kind"]].append(correct[-1])
+    model.train(was_training)
+    metrics = {"eval/accuracy": sum(correct) / len(correct), "eval/format": sum(formatted) / len(formatted)}
+    metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())})
+    return metrics

@@ -1,0 +1,51 @@
+"""Teacher-forced per-token log-probs and exact entropy of completions."""
+
+import torch
+
+from utils.rollout import slice_inputs
+
+
+def full_inputs(prompt_inputs, completion_ids, completion_mask):
+    """Prompt + completion as one model input. mm_token_type_ids is extended with zeros over the completion:
+    without it Qwen2.5-VL silently computes wrong (text-only) rope positions and log-probs stop matching
+    generation."""
+    inputs = dict(prompt_inputs)
+    inputs["input_ids"] = torch.cat([prompt_inputs["input_ids"], completion_ids], 1)
+    inputs["attention_mask"] = torch.cat([prompt_inputs["attention_mask"], completion_mask], 1)
+    if "mm_token_type_ids" in prompt_inputs:
+        inputs["mm_token_type_ids"] = torch.cat(
+            [prompt_inputs["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1
+        )
+    return inputs
+
+
+def completion_logprobs(model, prompt_inputs, completion_ids, completion_mask, temperature=1.0, with_entropy=False):
+    """Log-prob of each completion token under `model` (and the entropy of each next-token distribution).
+
+    prompt_inputs: processor batch [b, P]; completion_ids, completion_mask: [b, L].
+    Returns logp [b, L] and entropy [b, L] (or None). Gradients flow unless called under no_grad.
+    Logits are divided by the sampling temperature so that log-probs are those of the sampling policy.
+    """
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
+    completion_ids = completion_ids.to(device)
+    length = completion_ids.shape[1]
+    logits = model(**inputs, use_cache=False, logits_to_keep=length + 1).logits  # [b, L+1, V]
+    logits = logits[:, :-1].float() / temperature  # position t predicts completion token t
+    log_probs = torch.log_softmax(logits, -1)
+    logp = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
+@torch.no_grad()
+def batched_logprobs(model, prompt_inputs, completion_ids, completion_mask, micro_batch_size, temperature=1.0):
+    """completion_logprobs over a whole batch in micro-batches, without gradients. Returns logp [B, L] on CPU."""
+    out = []
+    for start in range(0, completion_ids.shape[0], micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        logp, _ = completion_logprobs(
+            model, slice_inputs(prompt_inputs, rows), completion_ids[rows], completion_mask[rows], temperature
+        )
+        out.append(logp.cpu())
+    return torch.cat(out)

@@ -1,0 +1,148 @@
+"""Sampling completions (G per prompt) and slicing multimodal batches."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from data.prompts import encode_prompts
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts with one completion each; groups of G are contiguous rows.
+
+    prompt_inputs: processor outputs for the prompts (input_ids / attention_mask / mm_token_type_ids [B, P],
+        pixel_values [patches, D], image_grid_thw [B, 3]); completion_ids [B, L] right-padded;
+    completion_mask [B, L]: 1 on generated tokens up to and including the end token;
+    truncated [B]: hit the length limit without an end token; texts: decoded completions;
+    examples: the data example behind each row; rewards: {component: [B]} once scored.
+    """
+
+    prompt_inputs: dict
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    truncated: torch.Tensor
+    texts: list
+    examples: list = field(default_factory=list)
+    rewards: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return self.completion_ids.shape[0]
+
+
+def image_patch_counts(prompt_inputs):
+    """Rows of pixel_values that belong to each image (one image per prompt)."""
+    return prompt_inputs["image_grid_thw"].prod(-1).tolist()
+
+
+def slice_inputs(inputs, rows):
+    """Rows `rows` (a python slice or list of indices) of a processor batch, pixel_values included."""
+    indices = list(range(inputs["input_ids"].shape[0]))[rows] if isinstance(rows, slice) else list(rows)
+    out = {k: v[indices] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" in inputs:
+        counts = image_patch_counts(inputs)
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        out["pixel_values"] = torch.cat([inputs["pixel_values"][starts[i] : starts[i + 1]] for i in indices])
+        out["image_grid_thw"] = inputs["image_grid_thw"][indices]
+    # Left padding is shared across the batch; drop columns that are padding in every kept row.
+    keep = out["attention_mask"].any(0).nonzero()
+    first = int(keep[0]) if len(keep) else 0
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if k in out:
+            out[k] = out[k][:, first:]
+    return out
+
+
+def concat_inputs(batches):
+    """Concatenate processor batches row-wise, re-padding the prompts on the left."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if k not in batches[0]:
+            continue
+        pad_value = 0
+        parts = [torch.nn.functional.pad(b[k], (width - b[k].shape[1], 0), value=pad_value) for b in batches]
+        out[k] = torch.cat(parts)
+    for k in ("pixel_values", "image_grid_thw"):
+        if k in batches[0]:
+            out[k] = torch.cat([b[k] for b in batches])
+    return out
+
+
+def completion_mask_from_ids(completion_ids, eos_ids):
+    """[B, L] mask that is 1 up to and including the first end token; and [B] whether an end token occurred."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    seen_before = (is_eos.cumsum(1) - is_eos.long()) > 0  # an end token strictly earlier in the row
+    return (~seen_before).long(), is_eos.any(1)
+
+
+@torch.no_grad()
+def generate(model, processor, examples, group_size, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
+             suppress_ids=(), batch_size=None):
+    """Sample `group_size` completions per example (greedy when `greedy`); returns a Rollout of len(examples)*G."""
+    device = next(model.parameters()).device
+    repeated = [ex for ex in examples for _ in range(group_size)]
+    tokenizer = processor.tokenizer
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    batch_size = batch_size or len(repeated)
+    prompts, completions = [], []
+    for start in range(0, len(repeated), batch_size):
+        inputs = encode_prompts(processor, repeated[start : start + batch_size])
+        prompt_width = inputs["input_ids"].shape[1]
+        # Explicit sampling settings: a checkpoint's generation_config (Qwen's sets top_k, a low temperature
+        # and a repetition penalty) would otherwise make samples differ from the policy we compute log-probs of.
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        sampling["repetition_penalty"] = 1.0
+        out = model.generate(
+            **{k: v.to(device) for k, v in inputs.items()},
+            max_new_tokens=max_new_tokens,
+            suppress_tokens=list(suppress_ids) or None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_ids,
+            **sampling,
+        )
+        prompts.append(inputs)
+        completions.append(out[:, prompt_width:].cpu())
+    width = max(c.shape[1] for c in completions)
+    completion_ids = torch.cat(
+        [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in completions]
+    )
+    completion_mask, ended = completion_mask_from_ids(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
+                                   skip_special_tokens=True)
+    prompt_inputs = prompts[0] if len(prompts) == 1 else concat_inputs(prompts)
+    return Rollout(prompt_inputs, completion_ids, completion_mask, ~ended, texts, repeated)
+
+
+def select_rows(rollout, rows):
+    """The rollout restricted to `rows` (list of indices), rewards and examples included."""
+    return Rollout(
+        slice_inputs(rollout.prompt_inputs, rows),
+        rollout.completion_ids[rows],
+        rollout.completion_mask[rows],
+        rollout.truncated[rows],
+        [rollout.texts[i] for i in rows],
+        [rollout.examples[i] for i in rows],
+        {k: v[rows] for k, v in rollout.rewards.items()},
+    )
+
+
+def concat_rollouts(rollouts, pad_token_id):
+    """One rollout from several (completions right-padded to a common length)."""
+    width = max(r.completion_ids.shape[1] for r in rollouts)
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+    if len(rollouts) == 1:
+        return rollouts[0]
+    return Rollout(
+        concat_inputs([r.prompt_inputs for r in rollouts]),
+        torch.cat([pad(r.completion_ids, pad_token_id) for r in rollouts]),
+        torch.cat([pad(r.completion_mask, 0) for r in rollouts]),
+        torch.cat([r.truncated for r in rollouts]),
+        [t for r in rollouts for t in r.texts],
+        [e for r in rollouts for e in r.examples],
+        {k: torch.cat([r.rewards[k] for r in rollouts]) for k in rollouts[0].rewards},
+    )

@@ -1,0 +1,74 @@
+"""One policy update on a rollout batch: epochs × mini-batches × micro-batches (gradient accumulation)."""
+
+import math
+
+import torch
+
+from utils.logprobs import completion_logprobs
+from utils.rl import aggregate, clipped_surrogate, k3_kl
+from utils.rollout import slice_inputs
+
+
+def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, ref_logp=None, clip_low, clip_high,
+                  kl_beta, entropy_coef, aggregation, epochs, mini_batches, micro_batch_size, max_grad_norm,
+                  temperature, log=print):
+    """Optimise the clipped surrogate (+ β·k3 − entropy bonus) on `batch`; returns mean statistics.
+
+    advantages: [B] per sequence (broadcast over tokens); logp_old, ref_logp, loss_mask: [B, L].
+    Each mini-batch is one optimizer step; its loss is normalised by the mini-batch's total valid tokens
+    (token level) or sequences (sample level), so splitting it into micro-batches does not change it.
+    A non-finite loss or gradient skips that optimizer step with a warning.
+    """
+    n = len(batch)
+    stats = {k: 0.0 for k in ("loss", "entropy", "clip_frac_low", "clip_frac_high", "kl", "grad_norm")}
+    counted_tokens, valid_tokens, updates, skipped = 0, 0, 0, 0
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator) if mini_batches > 1 else torch.arange(n)
+        for mb_rows in order.chunk(mini_batches):
+            mb_rows = mb_rows.tolist()
+            total_tokens = int(loss_mask[mb_rows].sum())
+            optimizer.zero_grad(set_to_none=True)
+            mb_loss = 0.0
+            for start in range(0, len(mb_rows), micro_batch_size):
+                rows = mb_rows[start : start + micro_batch_size]
+                device = next(policy.parameters()).device
+                mask = loss_mask[rows].to(device)
+                logp, entropy = completion_logprobs(
+                    policy, slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows],
+                    batch.completion_mask[rows], temperature, with_entropy=True,
+                )
+                adv = advantages[rows].to(device).unsqueeze(1)  # [b, 1], broadcast over tokens
+                per_token, clipped_low, clipped_high = clipped_surrogate(
+                    logp, logp_old[rows].to(device), adv, clip_low, clip_high
+                )
+                kl = k3_kl(logp, ref_logp[rows].to(device)) if ref_logp is not None else torch.zeros_like(logp)
+                per_token = per_token + kl_beta * kl - entropy_coef * entropy
+                loss = aggregate(per_token, mask, aggregation, total_tokens, len(mb_rows))
+                loss.backward()
+                mb_loss += loss.item()
+                with torch.no_grad():  # token-weighted sums; divided by the token counts at the end
+                    m, valid = mask.float(), batch.completion_mask[rows].to(device).float()
+                    stats["entropy"] += (entropy * valid).sum().item()  # over every valid token
+                    valid_tokens += valid.sum().item()
+                    stats["clip_frac_low"] += (clipped_low.float() * m).sum().item()
+                    stats["clip_frac_high"] += (clipped_high.float() * m).sum().item()
+                    stats["kl"] += (kl * m).sum().item()
+            counted_tokens += total_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm).item()
+            if not (math.isfinite(mb_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                log(f"WARNING: non-finite loss ({mb_loss}) or gradient norm ({grad_norm}); optimizer step skipped")
+                continue
+            optimizer.step()
+            stats["loss"] += mb_loss
+            stats["grad_norm"] += grad_norm
+            updates += 1
+    stats["entropy"] /= max(valid_tokens, 1)
+    for k in ("clip_frac_low", "clip_frac_high", "kl"):  # over the tokens that carry loss
+        stats[k] /= max(counted_tokens, 1)
+    for k in ("loss", "grad_norm"):
+        stats[k] = stats[k] / updates if updates else float("nan")
+    stats["updates"], stats["skipped_updates"] = updates, skipped
+    return stats
