@@ -144,7 +144,8 @@ def main(argv=None):
     def sample_and_score(examples):
         """G completions for each example, with every reward component."""
         rollout = generate(rollout_model, processor, examples, G, cfg["MAX_NEW_TOKENS"], cfg["TEMPERATURE"],
-                           cfg["TOP_P"], suppress_ids=suppress, batch_size=cfg["GENERATION_BATCH_SIZE"])
+                           cfg["TOP_P"], suppress_ids=suppress, batch_size=cfg["GENERATION_BATCH_SIZE"],
+                           desc="generate")
         rewards = score_completions(
             rollout.texts, [ex["solution"] for ex in rollout.examples], rollout.completion_mask.sum(1).tolist(),
             {"accuracy": cfg["W_ACCURACY"], "format": cfg["W_FORMAT"]}, cfg["MAX_NEW_TOKENS"],

@@ -1,5 +1,6 @@
 """The embedded model, its processor, and the log-prob machinery against generation."""
 
+import pytest
 import torch
 
 from data.synthetic import SyntheticVQA
@@ -13,23 +14,24 @@ def examples(n, seed=0):
     return [data[i] for i in range(n)]
 
 
-def test_teacher_forced_logprobs_match_generation(tiny_vlm_path):
-    """Left-padded prompts of different lengths; log-probs from one forward pass equal generate()'s scores."""
-    processor = load_processor(tiny_vlm_path)
-    model = load_model(tiny_vlm_path, "cpu", torch.float32)
-    batch = examples(4)
-    rollout = generate(model, processor, batch, 1, 12, greedy=True)
-    inputs = {k: v for k, v in rollout.prompt_inputs.items()}
-    assert (inputs["attention_mask"] == 0).any(), "the test needs left padding"
-    out = model.generate(**inputs, max_new_tokens=12, do_sample=False, output_scores=True,
+def assert_logprobs_match_generation(model, processor, n_prompts=4, max_new_tokens=12):
+    """Teacher-forced log-probs of greedy completions equal the scores generate() saw at each step."""
+    rollout = generate(model, processor, examples(n_prompts), 1, max_new_tokens, greedy=True)
+    assert (rollout.prompt_inputs["attention_mask"] == 0).any(), "the check needs left padding"
+    out = model.generate(**rollout.prompt_inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
                          return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
-    scores = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)  # [B, L, V]
     ids = rollout.completion_ids
+    scores = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)  # [B, L, V]
     expected = scores[:, : ids.shape[1]].gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     logp, entropy = completion_logprobs(model, rollout.prompt_inputs, ids, rollout.completion_mask, with_entropy=True)
     mask = rollout.completion_mask.bool()
     assert torch.allclose(logp[mask], expected[mask], atol=1e-4)
     assert (entropy[mask] >= 0).all() and (entropy[mask] <= torch.log(torch.tensor(scores.shape[-1]))).all()
+
+
+def test_teacher_forced_logprobs_match_generation(tiny_vlm_path):
+    """Left-padded prompts of different lengths; one forward pass reproduces generation's log-probs."""
+    assert_logprobs_match_generation(load_model(tiny_vlm_path, "cpu", torch.float32), load_processor(tiny_vlm_path))
 
 
 def test_micro_batches_give_the_same_logprobs(tiny_vlm_path):
@@ -71,3 +73,65 @@ def test_processor_round_trip(tiny_vlm_path, tmp_path):
     assert again.tokenizer.padding_side == "left"
     # White pixels map to 0 (the tiny model's normalisation).
     assert a["pixel_values"].max().item() == 0.0
+
+
+def _update_delta(model_path, batch, micro_batch_size, advantages, aggregation="token"):
+    """Parameter change of one policy_update with plain SGD (lr 1): minus the gradient, exactly."""
+    from utils.rl import group_advantages  # noqa: F401  (advantages are given)
+    from utils.update import policy_update
+
+    model = load_model(model_path, "cpu", torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logp_old = batched_logprobs(model, batch.prompt_inputs, batch.completion_ids, batch.completion_mask, 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats = policy_update(model, optimizer, batch, advantages, logp_old, batch.completion_mask.float(),
+                          clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0, aggregation=aggregation,
+                          epochs=1, mini_batches=1, micro_batch_size=micro_batch_size, max_grad_norm=1e9,
+                          temperature=1.0, log=lambda *_: None)
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}, stats
+
+
+def test_policy_update_does_not_depend_on_micro_batch_size(tiny_vlm_path):
+    processor = load_processor(tiny_vlm_path)
+    model = load_model(tiny_vlm_path, "cpu", torch.float32)
+    batch = generate(model, processor, examples(3, seed=3), 4, 14, temperature=2.0)  # lengths differ a lot
+    advantages = torch.linspace(-1.5, 1.5, len(batch))
+    whole, stats_whole = _update_delta(tiny_vlm_path, batch, 12, advantages)
+    split, stats_split = _update_delta(tiny_vlm_path, batch, 5, advantages)
+    assert stats_whole["loss"] == pytest.approx(stats_split["loss"], abs=1e-6)
+    worst = max((whole[n] - split[n]).abs().max().item() for n in whole)
+    assert worst < 1e-6 and max(d.abs().max().item() for d in whole.values()) > 1e-4
+
+
+def test_non_finite_loss_skips_the_step(tiny_vlm_path):
+    processor = load_processor(tiny_vlm_path)
+    batch = generate(load_model(tiny_vlm_path, "cpu", torch.float32), processor, examples(2), 2, 8)
+    advantages = torch.tensor([1.0, float("nan"), 0.5, -1.0])
+    delta, stats = _update_delta(tiny_vlm_path, batch, 4, advantages)
+    assert stats["skipped_updates"] == 1 and stats["updates"] == 0
+    assert all((d == 0).all() for d in delta.values())
+
+
+def test_a_qwen2_vl_checkpoint_works_too(tmp_path):
+    """Qwen2-VL (not 2.5): saved, loaded through load_model / load_processor, log-probs match generation."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from utils.tiny_vlm import RECIPE, SPECIAL_TOKENS, build_processor, train_tokenizer
+
+    tokenizer = train_tokenizer(RECIPE["vocab_size"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": 448, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"],
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 7},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    build_processor(tokenizer, 7, 56).save_pretrained(tmp_path)
+    model, processor = load_model(str(tmp_path), "cpu", torch.float32), load_processor(str(tmp_path))
+    assert isinstance(model, Qwen2VLForConditionalGeneration)
+    assert_logprobs_match_generation(model, processor, max_new_tokens=6)

@@ -18,14 +18,13 @@ def evaluate(model, processor, dataset, n_samples, max_new_tokens, batch_size, s
     model.eval()
     examples = [dataset[i] for i in range(min(n_samples, len(dataset)))]
     correct, formatted, by_kind = [], [], defaultdict(list)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        rollout = generate(model, processor, chunk, 1, max_new_tokens, greedy=True, suppress_ids=suppress_ids)
-        for ex, text in zip(chunk, rollout.texts):
-            correct.append(accuracy_reward(text, ex["solution"]))
-            formatted.append(format_reward(text))
-            if "kind" in ex:
-                by_kind[ex["kind"]].append(correct[-1])
+    rollout = generate(model, processor, examples, 1, max_new_tokens, greedy=True, suppress_ids=suppress_ids,
+                       batch_size=batch_size, desc="eval (greedy)")
+    for ex, text in zip(examples, rollout.texts):
+        correct.append(accuracy_reward(text, ex["solution"]))
+        formatted.append(format_reward(text))
+        if "kind" in ex:
+            by_kind[ex["kind"]].append(correct[-1])
     model.train(was_training)
     metrics = {"eval/accuracy": sum(correct) / len(correct), "eval/format": sum(formatted) / len(formatted)}
     metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())})

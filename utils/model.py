@@ -4,7 +4,7 @@ import copy
 import os
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 EMBEDDED_MODEL = "embedded-tiny-vlm"
@@ -36,8 +36,6 @@ def load_processor(path, trust_remote_code=False):
 
 
 def model_class_for(path, trust_remote_code=False):
-    from transformers import AutoConfig
-
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
     classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
     if model_type not in classes:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from data.prompts import encode_prompts
 
@@ -80,8 +81,11 @@ def completion_mask_from_ids(completion_ids, eos_ids):
 
 @torch.no_grad()
 def generate(model, processor, examples, group_size, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
-             suppress_ids=(), batch_size=None):
-    """Sample `group_size` completions per example (greedy when `greedy`); returns a Rollout of len(examples)*G."""
+             suppress_ids=(), batch_size=None, desc=None):
+    """Sample `group_size` completions per example (greedy when `greedy`); returns a Rollout of len(examples)*G.
+
+    Sequences are generated `batch_size` at a time, with a progress bar named `desc` (none when desc is None).
+    """
     device = next(model.parameters()).device
     repeated = [ex for ex in examples for _ in range(group_size)]
     tokenizer = processor.tokenizer
@@ -89,7 +93,7 @@ def generate(model, processor, examples, group_size, max_new_tokens, temperature
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     batch_size = batch_size or len(repeated)
     prompts, completions = [], []
-    for start in range(0, len(repeated), batch_size):
+    for start in tqdm(range(0, len(repeated), batch_size), desc=desc, leave=False, disable=desc is None):
         inputs = encode_prompts(processor, repeated[start : start + batch_size])
         prompt_width = inputs["input_ids"].shape[1]
         # Explicit sampling settings: a checkpoint's generation_config (Qwen's sets top_k, a low temperature
@@ -112,8 +116,7 @@ def generate(model, processor, examples, group_size, max_new_tokens, temperature
     )
     completion_mask, ended = completion_mask_from_ids(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
-                                   skip_special_tokens=True)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     prompt_inputs = prompts[0] if len(prompts) == 1 else concat_inputs(prompts)
     return Rollout(prompt_inputs, completion_ids, completion_mask, ~ended, texts, repeated)
 

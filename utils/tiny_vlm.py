@@ -49,7 +49,9 @@ RECIPE = {
     "warm_start": {
         # Short on purpose: it masters the format and colour questions (100% held out) and stops while count
         # questions are half learned (~55%) and shape questions are not (~25%, chance): RL has work to do.
-        "seed": 1234, "steps": 120, "batch_size": 32, "lr": 3e-3,
+        # One thread: a multi-threaded run sums in another order, and 120 steps into a steep learning curve that
+        # is enough to move held-out count accuracy by 20 points. One thread makes the build reproducible.
+        "seed": 1234, "steps": 120, "batch_size": 32, "lr": 3e-3, "threads": 1,
         "kind_weights": {"colour": 1.0, "shape": 1.0, "count": 1.0},
     },
 }
@@ -64,7 +66,7 @@ def train_tokenizer(vocab_size):
     data = SyntheticVQA(2000, seed=0, split="train")
     corpus = [SYSTEM_PROMPT, "system user assistant", "Answer: A Answer: B Answer: C Answer: D <answer>A</answer>"]
     for i in range(len(data)):
-        ex = data.example_text(i) if hasattr(data, "example_text") else data[i]
+        ex = data[i]
         corpus.append(ex["problem"])
         corpus.append(f"<think>{reasoning_for(ex)}</think>Answer: {ex['solution']}")
     tok = Tokenizer(models.BPE())
@@ -146,7 +148,7 @@ def supervised_batch(processor, examples):
     return inputs, labels
 
 
-def warm_start(model, processor, log=print):
+def warm_start(model, processor):
     """A short supervised fine-tune on the synthetic task (format, colour, shape; few count questions)."""
     cfg = RECIPE["warm_start"]
     rng = random.Random(cfg["seed"])
@@ -155,6 +157,8 @@ def warm_start(model, processor, log=print):
     kinds, weights = zip(*cfg["kind_weights"].items())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
     model.train()
     bar = tqdm(range(cfg["steps"]), desc="warm start (supervised)", dynamic_ncols=True)
     for step in bar:
@@ -167,6 +171,7 @@ def warm_start(model, processor, log=print):
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    torch.set_num_threads(threads)
     model.eval()
     return model
 
@@ -180,7 +185,7 @@ def ensure_tiny_vlm(cache_dir, log=print):
     start = time.time()
     tokenizer = train_tokenizer(RECIPE["vocab_size"])
     processor = build_processor(tokenizer, RECIPE["vision"]["patch_size"], RECIPE["image_size"])
-    model = warm_start(build_model(tokenizer), processor, log)
+    model = warm_start(build_model(tokenizer), processor)
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
