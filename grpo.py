@@ -34,7 +34,7 @@ from utils.logprobs import batched_logprobs
 from utils.rollout import concat_rollouts, generate, select_rows
 from utils.runlog import SHOWN_METRICS, RunLog, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
-from utils.update import policy_update
+from utils.update import learning_rate_at, policy_update
 
 # ── Model and devices ─────────────────────────────────────────────────────────────────────────────
 MODEL_NAME_OR_PATH = "embedded-tiny-vlm"  # Qwen2-VL / Qwen2.5-VL hub name or folder; "embedded-tiny-vlm" = built locally
@@ -86,7 +86,8 @@ OVERLONG_FILTERING = False  # bool; truncated completions get loss weight 0
 
 # ── Optimisation ──────────────────────────────────────────────────────────────────────────────────
 TOTAL_STEPS = 100  # training steps (one rollout batch each)
-LEARNING_RATE = 5e-4  # AdamW; the tiny model wants ~5e-4, a 3B model ~1e-6
+LEARNING_RATE = 5e-4  # AdamW peak; the tiny model wants ~5e-4, a 3B model ~1e-6
+LR_SCHEDULE = "cosine"  # "constant" | "cosine" (from LEARNING_RATE at step 1 down to 0 after TOTAL_STEPS)
 WEIGHT_DECAY = 0.0  # AdamW weight decay
 PPO_EPOCHS = 1  # passes over each rollout batch
 MINI_BATCHES = 1  # optimizer steps per pass (the batch is split into this many mini-batches)
@@ -165,6 +166,9 @@ def main(argv=None):
 
     for step in tqdm(range(1, cfg["TOTAL_STEPS"] + 1), desc=algo, dynamic_ncols=True):
         t0 = time.time()
+        lr = learning_rate_at(step, cfg["TOTAL_STEPS"], cfg["LEARNING_RATE"], cfg["LR_SCHEDULE"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         # ── 1. Sample and score. Dynamic sampling keeps only informative groups (0 < #correct < G) and
         #       draws new prompts until TRAIN_BATCH_PROMPTS groups are kept or MAX_GEN_BATCHES rounds ran. ──
         max_rounds = cfg["MAX_GEN_BATCHES"] if cfg["DYNAMIC_SAMPLING"] else 1
@@ -218,7 +222,7 @@ def main(argv=None):
 
         # ── 5. Log, evaluate, checkpoint ──
         metrics.update({f"policy/{k}": v for k, v in stats.items()})
-        metrics["policy/advantage_abs_mean"] = advantages.abs().mean().item()
+        metrics["policy/advantage_abs_mean"], metrics["policy/lr"] = advantages.abs().mean().item(), lr
         metrics.update(perf_metrics(t0, generate_s, logprob_time, update_time, everything.completion_mask.sum().item()))
         if step % cfg["EVAL_EVERY"] == 0 or step == cfg["TOTAL_STEPS"]:
             metrics.update(run_eval())

@@ -7,6 +7,7 @@ import torch
 
 from utils.rewards import accuracy_reward, extract_answer, format_reward, score_completions, soft_overlong_punishment
 from utils.rl import aggregate, clipped_surrogate, group_advantages, informative_groups, k3_kl, overlong_loss_mask
+from utils.update import learning_rate_at
 
 
 def test_group_advantages_by_hand():
@@ -140,3 +141,12 @@ def test_per_micro_batch_token_mean_would_not_be_invariant():
     full = aggregate(per_token, mask, "token", int(mask.sum()), 4)
     naive = sum(aggregate(per_token[r], mask[r], "token", int(mask[r].sum()), 2) for r in ([0, 1], [2, 3])) / 2
     assert not torch.isclose(full, naive)
+
+
+def test_learning_rate_schedules():
+    assert learning_rate_at(7, 10, 1e-3, "constant") == 1e-3
+    assert learning_rate_at(1, 10, 1e-3, "cosine") == pytest.approx(1e-3)
+    assert learning_rate_at(6, 10, 1e-3, "cosine") == pytest.approx(0.5e-3)
+    assert learning_rate_at(10, 10, 1e-3, "cosine") == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    with pytest.raises(ValueError, match="LR_SCHEDULE"):
+        learning_rate_at(1, 10, 1e-3, "linear")

@@ -72,3 +72,12 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
         stats[k] = stats[k] / updates if updates else float("nan")
     stats["updates"], stats["skipped_updates"] = updates, skipped
     return stats
+
+
+def learning_rate_at(step, total_steps, base_lr, schedule):
+    """Learning rate of training step `step` (1-based): constant, or a cosine from base_lr towards 0."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / max(total_steps, 1)))
+    raise ValueError(f"LR_SCHEDULE must be 'constant' or 'cosine', got {schedule!r}")
