@@ -10,8 +10,12 @@ from utils.rollout import concat_inputs, generate, slice_inputs
 
 
 def examples(n, seed=0):
+    """n held-out examples; every other one with a longer question, so that batches are left-padded."""
     data = SyntheticVQA(n, seed=seed, split="test")
-    return [data[i] for i in range(n)]
+    out = [data[i] for i in range(n)]
+    for ex in out[1::2]:
+        ex["problem"] = "Look at the image. " + ex["problem"]
+    return out
 
 
 def assert_logprobs_match_generation(model, processor, n_prompts=4, max_new_tokens=12):
