@@ -23,21 +23,29 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import PromptSampler, load_split
-from utils.config import apply_overrides, constants_of, format_config
+from data import PromptSampler, load_datasets
+from utils.config import apply_overrides, check_values, constants_of, format_config
 from utils.evaluate import evaluate
-from utils.model import (EMBEDDED_MODEL, default_dtype, load_model, load_processor, make_rollout_model,
-                         resolve_devices, suppressed_token_ids, sync_rollout_model)
+from utils.logprobs import batched_logprobs
+from utils.model import (
+    EMBEDDED_MODEL,
+    default_dtype,
+    load_model,
+    load_processor,
+    make_rollout_model,
+    resolve_devices,
+    suppressed_token_ids,
+    sync_rollout_model,
+)
 from utils.rewards import score_completions
 from utils.rl import group_advantages, informative_groups, overlong_loss_mask
-from utils.logprobs import batched_logprobs
-from utils.rollout import concat_rollouts, generate, select_rows
+from utils.rollout import collect_groups, generate, select_rows
 from utils.runlog import SHOWN_METRICS, RunLog, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
 from utils.update import learning_rate_at, policy_update
 
 # ── Model and devices ─────────────────────────────────────────────────────────────────────────────
-MODEL_NAME_OR_PATH = "embedded-tiny-vlm"  # Qwen2-VL / Qwen2.5-VL hub name or folder; "embedded-tiny-vlm" = built locally
+MODEL_NAME_OR_PATH = "embedded-tiny-vlm"  # Qwen2-VL / Qwen2.5-VL hub name or folder, or the built-in tiny VLM
 MODEL_CACHE_DIR = ".cache"  # folder where the embedded tiny VLM is built once and reused
 TRUST_REMOTE_CODE = False  # bool; only for checkpoints whose code you trust
 POLICY_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; auto: cuda:0 if there is a GPU, else cpu
@@ -49,8 +57,9 @@ SEED = 0  # int; seeds torch, data order and sampling
 
 # ── Data ──────────────────────────────────────────────────────────────────────────────────────────
 DATASET = "synthetic"  # "synthetic" | HF hub name | save_to_disk folder | .parquet | .jsonl (image paths)
-TRAIN_SPLIT = "train"  # split name for HF sources
-EVAL_SPLIT = "test"  # held-out split name
+EVAL_DATASET = ""  # held-out source of the same kinds; "" = the EVAL_SPLIT of DATASET
+TRAIN_SPLIT = "train"  # split name for HF sources with named splits
+EVAL_SPLIT = "test"  # held-out split name for HF sources with named splits
 QUESTION_KINDS = ["count"]  # synthetic only: any of "colour", "shape", "count" (the warm start left count to RL)
 IMAGE_SIZE = 56  # synthetic only: pixels per side (multiple of 14)
 MAX_OBJECTS = 4  # synthetic only: 1..4 objects per image
@@ -102,6 +111,7 @@ RUNS_DIR = "runs"  # run folders go to RUNS_DIR/<trainer>_<timestamp>/, e.g. run
 
 def main(argv=None):
     cfg = apply_overrides(constants_of(globals()), sys.argv[1:] if argv is None else argv)
+    check_values(cfg)
     algo = os.path.splitext(os.path.basename(__file__))[0]
     run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__)
     log = run.print
@@ -135,10 +145,11 @@ def main(argv=None):
         f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
 
     # ── Data ──
-    split_args = dict(seed=cfg["SEED"], kinds=cfg["QUESTION_KINDS"], image_size=cfg["IMAGE_SIZE"],
-                      max_objects=cfg["MAX_OBJECTS"], shuffle_options=cfg["SHUFFLE_OPTIONS"], log=log)
-    train_data = load_split(cfg["DATASET"], cfg["TRAIN_SPLIT"], cfg["TRAIN_SIZE"], **split_args)
-    eval_data = load_split(cfg["DATASET"], cfg["EVAL_SPLIT"], cfg["EVAL_SAMPLES"], **split_args)
+    train_data, eval_data = load_datasets(
+        cfg["DATASET"], cfg["EVAL_DATASET"], cfg["TRAIN_SPLIT"], cfg["EVAL_SPLIT"], cfg["TRAIN_SIZE"],
+        cfg["EVAL_SAMPLES"], seed=cfg["SEED"], kinds=cfg["QUESTION_KINDS"], image_size=cfg["IMAGE_SIZE"],
+        max_objects=cfg["MAX_OBJECTS"], shuffle_options=cfg["SHUFFLE_OPTIONS"], log=log,
+    )
     prompts = PromptSampler(train_data, cfg["SEED"])
     G = cfg["GROUP_SIZE"]
 
@@ -171,59 +182,51 @@ def main(argv=None):
             group["lr"] = lr
         # ── 1. Sample and score. Dynamic sampling keeps only informative groups (0 < #correct < G) and
         #       draws new prompts until TRAIN_BATCH_PROMPTS groups are kept or MAX_GEN_BATCHES rounds ran. ──
-        max_rounds = cfg["MAX_GEN_BATCHES"] if cfg["DYNAMIC_SAMPLING"] else 1
-        generated, kept_rows = [], []
-        while len(kept_rows) < cfg["TRAIN_BATCH_PROMPTS"] * G and len(generated) < max_rounds:
-            rollout = sample_and_score(prompts.next(cfg["TRAIN_BATCH_PROMPTS"]))
-            keep = informative_groups(rollout.rewards["accuracy"], G)  # [groups]
-            if not cfg["DYNAMIC_SAMPLING"]:
-                keep[:] = True
-            offset = sum(len(r) for r in generated)
-            kept_rows += [offset + g * G + i for g in keep.nonzero().flatten().tolist() for i in range(G)]
-            generated.append(rollout)
-        generate_s = time.time() - t0
-        everything = concat_rollouts(generated, pad_id)  # every completion of this step, for the reward logs
-        kept_rows = kept_rows[: cfg["TRAIN_BATCH_PROMPTS"] * G]
-        n_groups = len(everything) // G
-        metrics = {"step": step, **rollout_metrics(everything), "dapo/gen_batches": len(generated),
-                   "dapo/kept_group_frac": len(kept_rows) / G / n_groups, "dapo/train_groups": len(kept_rows) // G,
-                   "dapo/flat_group_frac": (~informative_groups(everything.rewards["accuracy"], G)).float().mean().item()}
-        if not kept_rows:
-            log(f"WARNING: step {step}: no informative group in {len(generated)} generation rounds; no update")
-            run.log_metrics({**metrics, **perf_metrics(t0, generate_s, 0.0, 0.0, everything.completion_mask.sum().item())})
-            continue
-        batch = select_rows(everything, kept_rows)
-
-        # ── 2. Advantages: group-normalised rewards, one per completion ──
-        advantages = group_advantages(batch.rewards["total"], G, cfg["SCALE_ADVANTAGE_BY_STD"])  # [B]
-        loss_mask = batch.completion_mask.float()  # [B, L]
-        if cfg["OVERLONG_FILTERING"]:
-            loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
-
-        # ── 3. Log-probs of the rollout policy (π_old) and of the reference ──
-        t_lp = time.time()
-        lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
-                   cfg["TEMPERATURE"])
-        logp_old = batched_logprobs(rollout_model, *lp_args)  # [B, L]
-        ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
-        logprob_time = time.time() - t_lp
-
-        # ── 4. Policy update, then refresh the generation copy ──
-        t_up = time.time()
-        stats = policy_update(
-            policy, optimizer, batch, advantages, logp_old, loss_mask, ref_logp=ref_logp,
-            clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], kl_beta=cfg["KL_BETA"],
-            entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"], epochs=cfg["PPO_EPOCHS"],
-            mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
-            max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], log=log,
+        everything, kept_rows = collect_groups(
+            sample_and_score, prompts.next, cfg["TRAIN_BATCH_PROMPTS"], G, pad_id,
+            max_rounds=cfg["MAX_GEN_BATCHES"] if cfg["DYNAMIC_SAMPLING"] else 1, drop_flat=cfg["DYNAMIC_SAMPLING"],
         )
-        sync_rollout_model(policy, rollout_model)
-        update_time = time.time() - t_up
+        generate_s, logprob_s, update_s = time.time() - t0, 0.0, 0.0
+        n_groups, n_kept = len(everything) // G, len(kept_rows) // G
+        flat = ~informative_groups(everything.rewards["accuracy"], G)  # [n_groups]
+        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything),
+                   "dapo/gen_batches": n_groups // cfg["TRAIN_BATCH_PROMPTS"], "dapo/train_groups": n_kept,
+                   "dapo/kept_group_frac": n_kept / n_groups, "dapo/flat_group_frac": flat.float().mean().item()}
+        if not kept_rows:
+            log(f"WARNING: step {step}: no informative group in {n_groups} sampled; no update this step")
+        else:
+            batch = select_rows(everything, kept_rows)
+
+            # ── 2. Advantages: group-normalised rewards, one per completion ──
+            advantages = group_advantages(batch.rewards["total"], G, cfg["SCALE_ADVANTAGE_BY_STD"])  # [B]
+            loss_mask = batch.completion_mask.float()  # [B, L]
+            if cfg["OVERLONG_FILTERING"]:
+                loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
+
+            # ── 3. Log-probs of the rollout policy (π_old) and of the reference ──
+            t_lp = time.time()
+            lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
+                       cfg["TEMPERATURE"])
+            logp_old = batched_logprobs(rollout_model, *lp_args)  # [B, L]
+            ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
+            logprob_s = time.time() - t_lp
+
+            # ── 4. Policy update, then refresh the generation copy for the next step ──
+            t_up = time.time()
+            stats = policy_update(
+                policy, optimizer, batch, advantages, logp_old, loss_mask, ref_logp=ref_logp,
+                clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], kl_beta=cfg["KL_BETA"],
+                entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"], epochs=cfg["PPO_EPOCHS"],
+                mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
+                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], log=log,
+            )
+            sync_rollout_model(policy, rollout_model)
+            update_s = time.time() - t_up
+            metrics.update({f"policy/{k}": v for k, v in stats.items()})
+            metrics["policy/advantage_abs_mean"] = advantages.abs().mean().item()
 
         # ── 5. Log, evaluate, checkpoint ──
-        metrics.update({f"policy/{k}": v for k, v in stats.items()})
-        metrics["policy/advantage_abs_mean"], metrics["policy/lr"] = advantages.abs().mean().item(), lr
-        metrics.update(perf_metrics(t0, generate_s, logprob_time, update_time, everything.completion_mask.sum().item()))
+        metrics.update(perf_metrics(t0, generate_s, logprob_s, update_s, everything.completion_mask.sum().item()))
         if step % cfg["EVAL_EVERY"] == 0 or step == cfg["TOTAL_STEPS"]:
             metrics.update(run_eval())
         run.log_metrics(metrics)

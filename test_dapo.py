@@ -7,6 +7,7 @@ import torch
 
 from utils.rewards import accuracy_reward, extract_answer, format_reward, score_completions, soft_overlong_punishment
 from utils.rl import aggregate, clipped_surrogate, group_advantages, informative_groups, k3_kl, overlong_loss_mask
+from utils.rollout import Rollout, collect_groups
 from utils.update import learning_rate_at
 
 
@@ -150,3 +151,45 @@ def test_learning_rate_schedules():
     assert learning_rate_at(10, 10, 1e-3, "cosine") == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.9)))
     with pytest.raises(ValueError, match="LR_SCHEDULE"):
         learning_rate_at(1, 10, 1e-3, "linear")
+
+
+def _fake_sampler(rounds_of_accuracy, group_size):
+    """sample(examples) returning scripted accuracies, one list per round; records the prompts it saw."""
+    rounds, seen = iter(rounds_of_accuracy), []
+
+    def sample(examples):
+        accuracy = torch.tensor(next(rounds), dtype=torch.float)
+        n = len(accuracy)
+        assert n == len(examples) * group_size
+        seen.extend(examples)
+        ones = torch.ones(n, 2, dtype=torch.long)
+        return Rollout({"input_ids": ones, "attention_mask": ones, "mm_token_type_ids": 0 * ones},
+                       torch.arange(n).unsqueeze(1), torch.ones(n, 1, dtype=torch.long), torch.zeros(n, dtype=torch.bool),
+                       [str(i) for i in range(n)], [ex for ex in examples for _ in range(group_size)],
+                       {"accuracy": accuracy, "total": accuracy})
+
+    counter = iter(range(10**6))
+    return sample, lambda n: [next(counter) for _ in range(n)], seen
+
+
+def test_dynamic_sampling_refills_until_the_batch_is_full():
+    # 2 prompts per batch, G = 2. Round 1: groups [flat, mixed]; round 2: [mixed, mixed] -> full after 2 rounds.
+    sample, draw, seen = _fake_sampler([[1, 1, 0, 1], [1, 0, 0, 1], [0, 1, 1, 0]], 2)
+    everything, rows = collect_groups(sample, draw, 2, 2, pad_token_id=0, max_rounds=4, drop_flat=True)
+    assert len(everything) == 8 and seen == [0, 1, 2, 3]  # two rounds, fresh prompts each time
+    assert rows == [2, 3, 4, 5]  # round 1 group 1, round 2 group 0; round 2 group 1 is not needed
+    assert [everything.examples[r] for r in rows] == [1, 1, 2, 2]
+
+
+def test_dynamic_sampling_stops_at_the_cap_and_keeps_what_it_has():
+    sample, draw, _ = _fake_sampler([[1, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]], 2)
+    everything, rows = collect_groups(sample, draw, 2, 2, pad_token_id=0, max_rounds=3, drop_flat=True)
+    assert len(everything) == 12 and rows == [6, 7]  # 3 rounds, one informative group found
+    sample, draw, _ = _fake_sampler([[1, 1, 0, 0]] * 2, 2)
+    assert collect_groups(sample, draw, 2, 2, 0, max_rounds=2, drop_flat=True)[1] == []  # nothing: no update
+
+
+def test_without_dynamic_sampling_one_round_is_kept_whole():
+    sample, draw, _ = _fake_sampler([[1, 1, 0, 1]], 2)
+    everything, rows = collect_groups(sample, draw, 2, 2, pad_token_id=0, max_rounds=1, drop_flat=False)
+    assert len(everything) == 4 and rows == [0, 1, 2, 3]

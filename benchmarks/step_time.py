@@ -29,8 +29,7 @@ import torch  # noqa: E402
 import dapo as D  # noqa: E402  (the trainer's constants)
 from data.synthetic import SyntheticVQA  # noqa: E402
 from utils.logprobs import batched_logprobs  # noqa: E402
-from utils.model import (default_dtype, load_model, load_processor, resolve_devices,  # noqa: E402
-                         suppressed_token_ids)
+from utils.model import default_dtype, load_model, load_processor, resolve_devices, suppressed_token_ids  # noqa: E402
 from utils.rewards import score_completions  # noqa: E402
 from utils.rl import group_advantages, overlong_loss_mask  # noqa: E402
 from utils.rollout import generate, select_rows  # noqa: E402
@@ -40,7 +39,8 @@ from utils.update import policy_update  # noqa: E402
 # "small": head_dim 512/8 = 64, mrope 8+12+12 = 32 = head_dim/2; vision head dim 256/4 = 64.
 SMALL_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, mrope_section=[8, 12, 12])
-SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=RECIPE["vision"]["patch_size"])
+SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
+                    patch_size=RECIPE["vision"]["patch_size"])
 
 
 def load(spec, device):

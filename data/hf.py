@@ -15,19 +15,23 @@ import warnings
 from PIL import Image
 
 SOLUTION_PATTERNS = (re.compile(r"<answer>(.*?)</answer>", re.DOTALL), re.compile(r"Answer:\s*(\S*)"))
+ANSWER_WORD = re.compile(r"[A-Za-z0-9]+")
 
 
 def parse_solution(solution):
-    """The answer inside a solution: `<answer>X</answer>`, `Answer: X` or the bare string X; None if empty."""
-    if not isinstance(solution, str):
-        solution = None if solution is None else str(solution)
+    """The answer inside a solution — `<answer>X</answer>`, `Answer: X` or the bare X, with surrounding
+    brackets and full stops removed — or None when that is not one word of letters and digits (the accuracy
+    reward could never match it)."""
     if solution is None:
         return None
+    text = str(solution)
     for pattern in SOLUTION_PATTERNS:
-        found = pattern.search(solution)
+        found = pattern.search(text)
         if found:
-            return found.group(1).strip() or None
-    return solution.strip() or None
+            text = found.group(1)
+            break
+    answer = text.strip().strip("().[]").strip()
+    return answer if ANSWER_WORD.fullmatch(answer) else None
 
 
 def decode_image(value, base_dir):
@@ -61,9 +65,12 @@ def read_rows(source, split):
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    rows.append({"__error__": f"line {line_no} is not valid JSON ({e})"})
+                    row = {"__error__": f"line {line_no} is not valid JSON ({e})"}
+                if not isinstance(row, dict):
+                    row = {"__error__": f"line {line_no} is not a JSON object"}
+                rows.append(row)
         return rows, os.path.dirname(os.path.abspath(source))
     import datasets
 
@@ -79,7 +86,9 @@ def read_rows(source, split):
         ds = datasets.load_dataset(source, split=split)
     if "image" in ds.column_names:
         ds = ds.cast_column("image", datasets.Image(decode=False))  # decode ourselves, row by row
-    return ds, os.path.abspath(source) if os.path.isdir(source) else os.getcwd()
+    # Relative image paths are relative to the data set's folder (or the parquet file's), else the current one.
+    base_dir = source if os.path.isdir(source) else os.path.dirname(source) if os.path.isfile(source) else "."
+    return ds, os.path.abspath(base_dir)
 
 
 def check_row(row, base_dir):

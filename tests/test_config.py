@@ -7,7 +7,7 @@ import pytest
 
 import dapo
 import grpo
-from utils.config import apply_overrides, constants_of
+from utils.config import apply_overrides, check_values, constants_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,3 +67,14 @@ def test_unknown_key_names_close_matches():
 def test_wrong_types_are_errors(arg):
     with pytest.raises(ValueError):
         apply_overrides(constants_of(vars(dapo)), [arg])
+
+
+@pytest.mark.parametrize("arg, message", [("--LOSS_AGGREGATION=tokens", "LOSS_AGGREGATION"),
+                                          ("--GROUP_SIZE=1", "at least two completions"),
+                                          ("--LR_SCHEDULE=linear", "cosine"), ("--OVERLONG_BUFFER=99", "OVERLONG")])
+def test_values_outside_the_allowed_ones_are_errors(arg, message):
+    cfg = apply_overrides(constants_of(vars(dapo)), [arg])
+    with pytest.raises(ValueError, match=message):
+        check_values(cfg)
+    check_values(constants_of(vars(dapo)))
+    check_values(constants_of(vars(grpo)))

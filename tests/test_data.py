@@ -6,7 +6,7 @@ import warnings
 import pytest
 from PIL import Image
 
-from data import PromptSampler, load_split
+from data import PromptSampler, load_datasets
 from data.hf import VQADataset, parse_solution
 from data.synthetic import LETTERS, SyntheticVQA
 
@@ -51,7 +51,8 @@ def test_prompt_sampler_covers_the_data_before_repeating():
     assert len(set(first) | {ex["problem"].encode() + ex["image"].tobytes() for ex in sampler.next(10)}) == 10
 
 
-@pytest.mark.parametrize("raw, parsed", [("B", "B"), ("<answer> C </answer>", "C"), ("Answer: D", "D"), ("  ", None)])
+@pytest.mark.parametrize("raw, parsed", [("B", "B"), ("<answer> C </answer>", "C"), ("Answer: D", "D"), ("  ", None),
+                                         ("Answer: (B)", "B"), ("B.", "B"), (3, "3"), ("The answer is B", None)])
 def test_parse_solution(raw, parsed):
     assert parse_solution(raw) == parsed
 
@@ -67,7 +68,7 @@ def write_bad_jsonl(folder):
         {"image": "ok.png", "problem": "p", "solution": "<answer></answer>"},
         {"image": "ok.png", "problem": "Second good row", "solution": "<answer>B</answer>"},
     ]
-    lines = [json.dumps(r) for r in rows[:3]] + ["{not json"] + [json.dumps(r) for r in rows[3:]]
+    lines = [json.dumps(r) for r in rows[:3]] + ["{not json", "[1, 2]"] + [json.dumps(r) for r in rows[3:]]
     path = folder / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -78,10 +79,10 @@ def test_bad_rows_are_skipped_counted_and_named(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = VQADataset(str(path), log=lambda *_: None)
-    assert len(data) == 2 and data.skipped == 5
+    assert len(data) == 2 and data.skipped == 6
     messages = " | ".join(str(w.message) for w in caught)
     for row, reason in [(1, "could not be decoded"), (2, "could not be decoded"), (3, "not valid JSON"),
-                        (4, "'problem'"), (5, "no answer")]:
+                        (4, "not a JSON object"), (5, "'problem'"), (6, "no answer")]:
         assert f"row {row} of" in messages and reason in messages
     assert data[0]["solution"] == "A" and data[1]["solution"] == "B"
     assert data[0]["image"].size == (32, 32)
@@ -104,11 +105,27 @@ def test_save_to_disk_folder_and_parquet(tmp_path):
     ds = ds.cast_column("image", datasets.Image())
     ds.save_to_disk(str(tmp_path / "folder"))
     ds.to_parquet(str(tmp_path / "data.parquet"))
+    quiet = dict(seed=0, kinds=(), image_size=0, max_objects=0, shuffle_options=False, log=lambda *_: None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from_folder = load_split(str(tmp_path / "folder"), "train", 0, 0, (), 0, 0, False, log=lambda *_: None)
-        from_parquet = VQADataset(str(tmp_path / "data.parquet"), log=lambda *_: None)
+        from_folder, from_parquet = load_datasets(str(tmp_path / "folder"), str(tmp_path / "data.parquet"),
+                                                  "train", "test", 0, 0, **quiet)
     for data in (from_folder, from_parquet):
         assert len(data) == 2 and data.skipped == 1
         assert data[1]["solution"] == "B" and data[1]["image"].getpixel((0, 0)) == (0, 0, 255)
     assert sum("row 2 of" in str(w.message) for w in caught) == 2
+    # A single-split source cannot also be its own held-out set.
+    with pytest.raises(ValueError, match="EVAL_DATASET"):
+        load_datasets(str(tmp_path / "data.parquet"), "", "train", "test", 0, 0, **quiet)
+
+
+def test_relative_image_paths_in_parquet_are_relative_to_the_file(tmp_path, monkeypatch):
+    import datasets
+
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (28, 28), "blue").save(tmp_path / "sub" / "img.png")
+    datasets.Dataset.from_dict({"image": ["img.png"], "problem": ["p"], "solution": ["A"]}).to_parquet(
+        str(tmp_path / "sub" / "data.parquet"))
+    monkeypatch.chdir(tmp_path)
+    data = VQADataset("sub/data.parquet", log=lambda *_: None)
+    assert len(data) == 1 and data[0]["image"].getpixel((0, 0)) == (0, 0, 255)

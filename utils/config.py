@@ -71,4 +71,23 @@ def apply_overrides(config, argv):
 
 def format_config(config):
     width = max(len(k) for k in config)
-    return "\n".join(f"  {k:<{width}} = {json.dumps(v) if not isinstance(v, str) else repr(v)}" for k, v in config.items())
+    shown = {k: repr(v) if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
+    return "\n".join(f"  {k:<{width}} = {v}" for k, v in shown.items())
+
+
+CHOICES = {"LOSS_AGGREGATION": ("token", "sample"), "LR_SCHEDULE": ("constant", "cosine")}
+AT_LEAST = {"GROUP_SIZE": 2, "TRAIN_BATCH_PROMPTS": 1, "TOTAL_STEPS": 1, "MAX_GEN_BATCHES": 1, "PPO_EPOCHS": 1,
+            "MINI_BATCHES": 1, "MICRO_BATCH_SIZE": 1, "MAX_NEW_TOKENS": 1, "EVAL_EVERY": 1, "EVAL_SAMPLES": 1}
+
+
+def check_values(config):
+    """Raise ValueError for values of the right type but outside what the trainers accept."""
+    for key, allowed in CHOICES.items():
+        if key in config and config[key] not in allowed:
+            raise ValueError(f"{key}={config[key]!r}: expected one of {', '.join(map(repr, allowed))}")
+    for key, low in AT_LEAST.items():
+        if key in config and config[key] < low:
+            why = " (group advantages need at least two completions)" if key == "GROUP_SIZE" else ""
+            raise ValueError(f"{key}={config[key]}: must be at least {low}{why}")
+    if config.get("OVERLONG_BUFFER", 0) > config.get("MAX_NEW_TOKENS", 1):
+        raise ValueError("OVERLONG_BUFFER must not exceed MAX_NEW_TOKENS")

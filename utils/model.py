@@ -4,8 +4,14 @@ import copy
 import os
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLForConditionalGeneration,
+)
 
 EMBEDDED_MODEL = "embedded-tiny-vlm"
 # Tokens a policy must never sample: they only ever come from the processor.

@@ -6,6 +6,7 @@ import torch
 from tqdm import tqdm
 
 from data.prompts import encode_prompts
+from utils.rl import informative_groups
 
 
 @dataclass
@@ -98,8 +99,9 @@ def generate(model, processor, examples, group_size, max_new_tokens, temperature
         prompt_width = inputs["input_ids"].shape[1]
         # Explicit sampling settings: a checkpoint's generation_config (Qwen's sets top_k, a low temperature
         # and a repetition penalty) would otherwise make samples differ from the policy we compute log-probs of.
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        sampling["repetition_penalty"] = 1.0
+        sampling = dict(do_sample=not greedy, repetition_penalty=1.0)
+        if not greedy:
+            sampling.update(temperature=temperature, top_p=top_p, top_k=0)
         out = model.generate(
             **{k: v.to(device) for k, v in inputs.items()},
             max_new_tokens=max_new_tokens,
@@ -149,3 +151,23 @@ def concat_rollouts(rollouts, pad_token_id):
         [e for r in rollouts for e in r.examples],
         {k: torch.cat([r.rewards[k] for r in rollouts]) for k in rollouts[0].rewards},
     )
+
+
+def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, max_rounds, drop_flat):
+    """Sample rounds of `n_groups` prompts × G completions; with `drop_flat` (DAPO's dynamic sampling), keep
+    only informative groups (0 < #correct < G) and draw new rounds until `n_groups` are kept or `max_rounds`
+    rounds have run. Without it, one round is drawn and every group is kept.
+
+    sample(examples) -> a scored Rollout; draw_prompts(n) -> n examples.
+    Returns (every completion sampled, as one Rollout; the rows to train on: whole groups, at most n_groups).
+    """
+    rounds, kept_rows = [], []
+    while len(kept_rows) < n_groups * group_size and len(rounds) < max_rounds:
+        rollout = sample(draw_prompts(n_groups))
+        keep = informative_groups(rollout.rewards["accuracy"], group_size)  # [n_groups]
+        if not drop_flat:
+            keep[:] = True
+        offset = sum(len(r) for r in rounds)
+        kept_rows += [offset + g * group_size + i for g in keep.nonzero().flatten().tolist() for i in range(group_size)]
+        rounds.append(rollout)
+    return concat_rollouts(rounds, pad_token_id), kept_rows[: n_groups * group_size]

@@ -35,7 +35,10 @@ class RunLog:
             f.write(json.dumps(clean) + "\n")
 
     def print_metrics(self, metrics, keys):
-        parts = [f"{k.split('/', 1)[-1]}={metrics[k]:.3g}" for k in keys if k in metrics and metrics[k] is not None]
+        def label(key):  # "reward/accuracy/mean" -> "accuracy/mean"; eval keys keep their namespace
+            return key if key.startswith("eval/") else key.split("/", 1)[-1]
+
+        parts = [f"{label(k)}={metrics[k]:.3g}" for k in keys if metrics.get(k) is not None]
         self.print(f"step {metrics['step']:>4} | " + "  ".join(parts))
 
     def save_checkpoint(self, model, processor, step):

@@ -141,7 +141,8 @@ def supervised_batch(processor, examples):
     for i, ids in enumerate(target_ids):  # right-pad the completions
         completion[i, : len(ids)] = torch.tensor(ids)
         completion_mask[i, : len(ids)] = 1
-    labels = torch.cat([torch.full_like(inputs["input_ids"], -100), completion.masked_fill(completion_mask == 0, -100)], 1)
+    prompt_labels = torch.full_like(inputs["input_ids"], -100)
+    labels = torch.cat([prompt_labels, completion.masked_fill(completion_mask == 0, -100)], 1)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], completion], 1)
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask], 1)
     inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], 1)
@@ -193,5 +194,6 @@ def ensure_tiny_vlm(cache_dir, log=print):
     with open(os.path.join(tmp, "recipe.json"), "w") as f:
         json.dump(RECIPE, f, indent=2)
     os.replace(tmp, path)  # atomic: a killed build never leaves a half-written model behind
-    log(f"tiny VLM built in {time.time() - start:.0f}s ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"tiny VLM built in {time.time() - start:.0f}s ({n_params:.2f}M parameters)")
     return path
