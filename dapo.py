@@ -39,7 +39,8 @@ from utils.model import (
 from utils.rewards import score_completions
 from utils.rl import group_advantages, informative_groups, overlong_loss_mask
 from utils.rollout import collect_groups, generate, select_rows
-from utils.runlog import SHOWN_METRICS, RunLog, perf_metrics, rollout_metrics
+from utils.plot_metrics import plot_run
+from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
 from utils.update import learning_rate_at, policy_update
 
@@ -105,6 +106,10 @@ MAX_GRAD_NORM = 1.0  # gradient clipping
 # ── Evaluation, logging, checkpoints ──────────────────────────────────────────────────────────────
 EVAL_EVERY = 20  # steps between held-out evaluations (also at step 0 and at the end)
 SAVE_EVERY = 0  # steps between checkpoints; 0 = only at the end
+LOG_EVERY = 10  # steps between entries of rollout_results.md, attention_diagnostics.md, token_weights.md
+LOG_SAMPLES = 2  # completions shown in full per log entry
+PLOT_EVERY = 50  # steps between plot refreshes in <run>/plots/ (always at the end); 0 = only at the end
+COMPARE_WITH = "auto"  # run folder for the DAPO-vs-GRPO plot; "auto" = newest run of the other trainer; "" = none
 RUNS_DIR = "runs"  # run folders go to RUNS_DIR/<trainer>_<timestamp>/, e.g. runs/dapo_20261122_101500/
 
 
@@ -191,8 +196,9 @@ def main(argv=None):
         metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything),
                    "dapo/gen_batches": n_groups // cfg["TRAIN_BATCH_PROMPTS"], "dapo/train_groups": n_kept,
                    "dapo/kept_group_frac": n_kept / n_groups, "dapo/flat_group_frac": flat.float().mean().item()}
+        batch, advantages = everything, torch.zeros(len(everything))  # what the logs show if there is no update
         if not kept_rows:
-            log(f"WARNING: step {step}: no informative group in {n_groups} sampled; no update this step")
+            run.warn(f"step {step}: no informative group in {n_groups} sampled; no update this step")
         else:
             batch = select_rows(everything, kept_rows)
 
@@ -217,7 +223,7 @@ def main(argv=None):
                 clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], kl_beta=cfg["KL_BETA"],
                 entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"], epochs=cfg["PPO_EPOCHS"],
                 mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
-                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], log=log,
+                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], warn=run.warn,
             )
             sync_rollout_model(policy, rollout_model)
             update_s = time.time() - t_up
@@ -230,7 +236,13 @@ def main(argv=None):
             metrics.update(run_eval())
         run.log_metrics(metrics)
         run.print_metrics(metrics, SHOWN_METRICS)
-        if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or step == cfg["TOTAL_STEPS"]:
+        last = step == cfg["TOTAL_STEPS"]
+        if step % cfg["LOG_EVERY"] == 0 or last:
+            run.log_samples(step, batch, advantages, processor.tokenizer, cfg["LOG_SAMPLES"])
+        if (cfg["PLOT_EVERY"] and step % cfg["PLOT_EVERY"] == 0) or last:
+            compare = comparison_run(cfg["RUNS_DIR"], algo, cfg["COMPARE_WITH"])
+            log(f"plots: {', '.join(plot_run(run.dir, compare))}")
+        if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or last:
             log(f"checkpoint: {run.save_checkpoint(policy, processor, step)}")
     log(f"done: {run.dir}")
     return run.dir

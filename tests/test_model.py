@@ -91,7 +91,7 @@ def _update_delta(model_path, batch, micro_batch_size, advantages, aggregation="
     stats = policy_update(model, optimizer, batch, advantages, logp_old, batch.completion_mask.float(),
                           clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0, aggregation=aggregation,
                           epochs=1, mini_batches=1, micro_batch_size=micro_batch_size, max_grad_norm=1e9,
-                          temperature=1.0, log=lambda *_: None)
+                          temperature=1.0, warn=lambda *_: None)
     return {n: p.detach() - before[n] for n, p in model.named_parameters()}, stats
 
 

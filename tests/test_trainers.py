@@ -2,7 +2,9 @@
 
 import glob
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ REQUIRED_KEYS = [
 def run_trainer(script, runs_dir, *extra):
     args = [sys.executable, os.path.join(ROOT, script), "--TOTAL_STEPS=2", "--EVAL_EVERY=1", "--EVAL_SAMPLES=12",
             "--TRAIN_BATCH_PROMPTS=3", "--GROUP_SIZE=4", "--MAX_NEW_TOKENS=16", "--OVERLONG_BUFFER=4",
+            "--LOG_EVERY=1", "--LOG_SAMPLES=1",
             f"--RUNS_DIR={runs_dir}", *extra]
     env = dict(os.environ, TQDM_DISABLE="1")
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -40,7 +43,44 @@ def check_run_folder(run_dir, script):
         assert row["policy/entropy"] is None or row["policy/entropy"] >= 0
         assert row["perf/step_s"] > 0 and row["perf/tokens_per_s"] > 0
     assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0
+    check_markdown_logs(run_dir)
+    assert os.path.getsize(os.path.join(run_dir, "plots", "training_metrics.png")) > 10_000
     return config, rows
+
+
+def table_rows(markdown, header):
+    """The rows (lists of cells) of the first markdown table whose header row is `header`."""
+    lines = markdown.splitlines()
+    start = lines.index(header)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def check_markdown_logs(run_dir):
+    """The four markdown logs exist, have one entry per logged step, and their tables hold finite numbers."""
+    read = lambda name: open(os.path.join(run_dir, name)).read()  # noqa: E731
+    results = read("rollout_results.md")
+    assert results.count("## Step ") == 2  # LOG_EVERY=1, 2 steps
+    summary = dict(table_rows(results, "| Metric | Value |"))
+    assert list(summary) == ["Accuracy", "Format", "MDI", "Total reward", "Success rate", "Completions"]
+    for key in ("Accuracy", "Format", "Total reward"):
+        mean, std = (float(x) for x in summary[key].split(" ± "))
+        assert math.isfinite(mean) and math.isfinite(std) and std >= 0
+    assert summary["MDI"] == "off" and "attention metrics are off in this run" in results
+    image = re.search(r"!\[[^\]]*\]\(([^)]+)\)", results).group(1)
+    assert os.path.getsize(os.path.join(run_dir, image)) > 100
+    tokens = dict(table_rows(read("attention_diagnostics.md"), "| Tokens | Mean ± std |"))
+    assert tokens["Vision tokens"] == "16.000 ± 0.000"  # 56x56 image, 7-pixel patches merged 2x2
+    assert float(tokens["Text tokens"].split(" ± ")[0]) > 20
+    weights = read("token_weights.md")
+    assert weights.count("## Step ") == 2 and "advantage" in weights and "<think>" in weights
+    terminal = read("run_terminal.md")
+    assert "## Config" in terminal and "TOTAL_STEPS" in terminal and "### Step 2" in terminal
+    assert "**Rewards**" in terminal and "**Policy**" in terminal and "**Attention**: off" in terminal
 
 
 def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
@@ -60,11 +100,15 @@ def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
     assert any(not torch.equal(p, trained[n]) for n, p in original.named_parameters())
 
     # ... and as the starting point of a GRPO run (with a reference model: β = 0.04).
-    grpo_dir = run_trainer("grpo.py", tmp_path / "runs", f"--MODEL_NAME_OR_PATH={checkpoint}")
+    grpo_dir = run_trainer("grpo.py", tmp_path / "runs", f"--MODEL_NAME_OR_PATH={checkpoint}", "--PPO_EPOCHS=2",
+                           "--MINI_BATCHES=2", "--MICRO_BATCH_SIZE=5")
     config, rows = check_run_folder(grpo_dir, "grpo.py")
     assert config["MODEL_NAME_OR_PATH"] == checkpoint
     assert all(r["dapo/gen_batches"] == 1 and r["dapo/kept_group_frac"] == 1.0 for r in rows[1:])
+    assert all(r["policy/updates"] == 4 for r in rows[1:])  # 2 epochs x 2 mini-batches
     assert all(r["policy/kl"] is not None and r["policy/kl"] >= 0 for r in rows[1:])
+    # COMPARE_WITH="auto" found the DAPO run and drew the comparison.
+    assert os.path.getsize(os.path.join(grpo_dir, "plots", "dapo_vs_grpo.png")) > 10_000
 
 
 def test_bad_override_fails_before_any_work(tmp_path):

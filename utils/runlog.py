@@ -1,5 +1,7 @@
-"""The run folder (SPEC §7): config.json, a copy of the trainer, metrics.jsonl, checkpoints/step_N/."""
+"""The run folder (SPEC §7): config.json, a copy of the trainer, metrics.jsonl, the markdown logs of
+utils/markdown_logs.py, plots/ (utils/plot_metrics.py) and checkpoints/step_N/."""
 
+import glob
 import json
 import math
 import os
@@ -7,6 +9,8 @@ import shutil
 import time
 
 from tqdm import tqdm
+
+from utils.markdown_logs import TerminalLog, append_attention_diagnostics, append_rollout_results, append_token_weights
 
 
 class RunLog:
@@ -24,22 +28,38 @@ class RunLog:
             json.dump(config, f, indent=2)
         shutil.copy(script_path, os.path.join(self.dir, os.path.basename(script_path)))
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        self.terminal = TerminalLog(os.path.join(self.dir, "run_terminal.md"))
+        self.terminal.config(config)
 
     def print(self, message):
         tqdm.write(message)  # keeps progress bars intact
+        self.terminal.line(message)
+
+    def warn(self, message):
+        tqdm.write(f"WARNING: {message}")
+        self.terminal.warning(message)
 
     def log_metrics(self, metrics):
         """Append one step's metrics (a flat dict of numbers) as a JSON line; NaN is written as null."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(clean) + "\n")
+        self.terminal.metrics(metrics["step"], clean)
+
+    def log_samples(self, step, rollout, advantages, tokenizer, n_samples):
+        """rollout_results.md, attention_diagnostics.md and token_weights.md entries for this step's batch."""
+        path = lambda name: os.path.join(self.dir, name)  # noqa: E731
+        append_rollout_results(path("rollout_results.md"), step, rollout, advantages, n_samples, path("images"),
+                               tokenizer=tokenizer)
+        append_attention_diagnostics(path("attention_diagnostics.md"), step, rollout, tokenizer=tokenizer)
+        append_token_weights(path("token_weights.md"), step, tokenizer, rollout, advantages, n_samples)
 
     def print_metrics(self, metrics, keys):
         def label(key):  # "reward/accuracy/mean" -> "accuracy/mean"; eval keys keep their namespace
             return key if key.startswith("eval/") else key.split("/", 1)[-1]
 
         parts = [f"{label(k)}={metrics[k]:.3g}" for k in keys if metrics.get(k) is not None]
-        self.print(f"step {metrics['step']:>4} | " + "  ".join(parts))
+        tqdm.write(f"step {metrics['step']:>4} | " + "  ".join(parts))  # run_terminal.md has the full block
 
     def save_checkpoint(self, model, processor, step):
         """checkpoints/step_N/ with safetensors weights and the processor: loadable by transformers directly."""
@@ -77,3 +97,13 @@ def perf_metrics(step_start, generate_s, logprob_s, update_s, generated_tokens):
     step_s = time.time() - step_start
     return {"perf/step_s": step_s, "perf/generate_s": generate_s, "perf/logprob_s": logprob_s,
             "perf/update_s": update_s, "perf/tokens_per_s": generated_tokens / step_s}
+
+
+def comparison_run(runs_dir, algo, compare_with):
+    """The run folder to plot against: `compare_with` itself, or for "auto" the newest finished-or-not run of
+    the other trainer (dapo <-> grpo) in runs_dir; None when there is none or compare_with is ""."""
+    if compare_with != "auto":
+        return compare_with or None
+    other = {"dapo": "grpo", "grpo": "dapo"}.get(algo)
+    candidates = sorted(glob.glob(os.path.join(runs_dir, f"{other}_*", "metrics.jsonl"))) if other else []
+    return os.path.dirname(candidates[-1]) if candidates else None

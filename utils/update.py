@@ -11,7 +11,7 @@ from utils.rollout import slice_inputs
 
 def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, ref_logp=None, clip_low, clip_high,
                   kl_beta, entropy_coef, aggregation, epochs, mini_batches, micro_batch_size, max_grad_norm,
-                  temperature, log=print):
+                  temperature, warn=print):
     """Optimise the clipped surrogate (+ β·k3 − entropy bonus) on `batch`; returns mean statistics.
 
     advantages: [B] per sequence (broadcast over tokens); logp_old, ref_logp, loss_mask: [B, L].
@@ -59,7 +59,7 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
             if not (math.isfinite(mb_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-                log(f"WARNING: non-finite loss ({mb_loss}) or gradient norm ({grad_norm}); optimizer step skipped")
+                warn(f"non-finite loss ({mb_loss}) or gradient norm ({grad_norm}); optimizer step skipped")
                 continue
             optimizer.step()
             stats["loss"] += mb_loss

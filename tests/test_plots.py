@@ -1,0 +1,176 @@
+"""utils/plot_metrics.py on synthetic run folders: every figure draws data on every axis, files are written."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from utils.plot_metrics import (  # noqa: E402
+    plot_attention, plot_dapo_metrics, plot_dapo_vs_grpo_comparison, plot_run, plot_runs, read_config,
+    read_metrics, smooth,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 40
+STAGES = ("early", "middle", "late", "all")
+
+
+def step_metrics(step, dapo, attention):
+    """One step's metrics from simple formulas; eval every 10 steps; a few nulls and absent policy/* keys."""
+    t = step / STEPS
+    m = {"step": step, "policy/lr": 5e-4 * (1 + math.cos(math.pi * t)) / 2,
+         "reward/accuracy/mean": 0.5 + 0.4 * t, "reward/accuracy/std": 0.5 - 0.2 * t,
+         "reward/format/mean": 1.0, "reward/format/std": 0.0, "reward/overlong/mean": -0.01 * (step % 3),
+         "reward/total/mean": 1.0 + 3 * (0.5 + 0.4 * t) + 0.1 * math.sin(step),
+         "reward/total/std": 1.5 - 0.5 * t, "response/length/mean": 10 + 2 * math.sin(step / 4),
+         "response/truncated_frac": 0.0,
+         "dapo/gen_batches": (1 + step % 3) if dapo else 1, "dapo/kept_group_frac": 0.3 + 0.01 * step if dapo else 1.0,
+         "dapo/flat_group_frac": 0.7 - 0.01 * step,
+         "perf/step_s": 1.8 + 0.1 * (step % 2), "perf/tokens_per_s": 500.0}
+    if step % 7 != 0:  # policy/* absent on some steps (no informative group)
+        m.update({"policy/loss": 0.01 * math.cos(step), "policy/entropy": 0.08 - 0.001 * step, "policy/kl": 0.0,
+                  "policy/clip_frac_low": 0.0, "policy/clip_frac_high": 0.001 * step})
+    if step % 11 == 5:
+        m["reward/total/mean"] = None  # NaN is logged as null
+        m["response/length/mean"] = None
+    if step % 10 == 0:
+        m.update({"eval/accuracy": 0.56 + 0.008 * step, "eval/format": 1.0, "eval/accuracy/count": 0.56 + 0.008 * step})
+    if attention:
+        for i, stage in enumerate(STAGES):
+            m[f"attention/{stage}/mdi"] = (0.5 + i) * (1 + 0.02 * step) if step % 13 != 3 else None
+    return m
+
+
+def make_run(root, name, dapo=True, attention=False, entropy_coef=0.0, tail=""):
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"ENTROPY_COEF": entropy_coef, "TOTAL_STEPS": STEPS, "DYNAMIC_SAMPLING": dapo, "EVAL_EVERY": 10}, f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 0, "eval/accuracy": 0.56, "eval/format": 1.0, "eval/accuracy/count": 0.56}) + "\n")
+        for step in range(1, STEPS + 1):
+            f.write(json.dumps(step_metrics(step, dapo, attention)) + "\n")
+        f.write(tail)
+    return run_dir
+
+
+@pytest.fixture
+def dapo_run(tmp_path):
+    return make_run(tmp_path, "dapo_20260101_000000", dapo=True, attention=True, entropy_coef=0.01)
+
+
+@pytest.fixture
+def grpo_run(tmp_path):
+    return make_run(tmp_path, "grpo_20260101_000000", dapo=False)
+
+
+def check_figure(fig, path):
+    """PNG of a sensible size; every axis (twin axes too) holds a line of at least 2 points."""
+    try:
+        assert os.path.isfile(path)
+        assert 10_000 <= os.path.getsize(path) <= 600_000, os.path.getsize(path)
+        assert fig.axes
+        for ax in fig.axes:
+            assert any(len(line.get_xdata()) >= 2 for line in ax.get_lines()), ax.get_title()
+    finally:
+        plt.close(fig)
+
+
+def test_read_metrics_config_and_smooth(dapo_run, tmp_path):
+    records = read_metrics(dapo_run)
+    assert len(records) == STEPS + 1 and records[0]["step"] == 0
+    assert read_config(dapo_run)["ENTROPY_COEF"] == 0.01
+    assert read_config(str(tmp_path)) == {}
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        read_metrics(str(tmp_path))
+    out = smooth([1.0, None, float("nan"), 2.0], weight=0.5)
+    assert out[0] == 1.0 and math.isnan(out[1]) and math.isnan(out[2]) and out[3] == 1.5
+
+
+def test_dapo_metrics_figure(dapo_run, tmp_path):
+    path = str(tmp_path / "training.png")
+    fig = plot_dapo_metrics(dapo_run, path)
+    assert len(fig.axes) == 7  # 2x3 panels + the twin axis of the dynamic-sampling panel
+    assert "ENTROPY_COEF = 0.01" in fig.axes[1].get_title()
+    check_figure(fig, path)
+
+
+def test_entropy_bonus_with_zero_coefficient_is_a_flat_line(grpo_run, tmp_path):
+    path = str(tmp_path / "training.png")
+    fig = plot_dapo_metrics(grpo_run, path)
+    assert set(fig.axes[1].get_lines()[0].get_ydata()) == {0.0}
+    check_figure(fig, path)
+
+
+def test_comparison_figure(dapo_run, grpo_run, tmp_path):
+    path = str(tmp_path / "cmp.png")
+    fig = plot_dapo_vs_grpo_comparison(dapo_run, grpo_run, path)
+    assert len(fig.axes) == 4
+    accuracy = [line for line in fig.axes[3].get_lines() if line.get_label().startswith("DAPO")]
+    assert list(accuracy[0].get_xdata()) == [0, 10, 20, 30, 40]  # eval markers include step 0
+    check_figure(fig, path)
+
+
+def test_attention_figure_and_none_without_attention(dapo_run, grpo_run, tmp_path):
+    path = str(tmp_path / "mdi.png")
+    fig = plot_attention(dapo_run, path)
+    assert fig.axes[0].get_yscale() == "log"
+    check_figure(fig, path)
+    missing = str(tmp_path / "none.png")
+    assert plot_attention(grpo_run, missing) is None
+    assert not os.path.exists(missing)
+
+
+def test_runs_overlay(dapo_run, grpo_run, tmp_path):
+    path = str(tmp_path / "runs.png")
+    fig = plot_runs([dapo_run, grpo_run], path)
+    assert len(fig.axes) == 6
+    check_figure(fig, path)
+
+
+def test_plot_run_writes_expected_files(dapo_run, grpo_run):
+    assert [os.path.basename(p) for p in plot_run(grpo_run)] == ["training_metrics.png"]
+    written = plot_run(grpo_run, compare_dir=dapo_run)  # the DAPO run is found from config.json
+    assert [os.path.basename(p) for p in written] == ["training_metrics.png", "dapo_vs_grpo.png"]
+    written = plot_run(dapo_run, compare_dir=grpo_run)
+    assert [os.path.basename(p) for p in written] == ["training_metrics.png", "attention_mdi.png", "dapo_vs_grpo.png"]
+    for path in written:
+        assert os.path.dirname(path) == os.path.join(dapo_run, "plots")
+        assert 10_000 <= os.path.getsize(path) <= 600_000
+    assert not plt.get_fignums()  # plot_run closes its figures
+
+
+def test_cli_on_two_runs_writes_one_png(dapo_run, grpo_run, tmp_path):
+    out = tmp_path / "cli_out"
+    out.mkdir()
+    target = str(out / "X.png")
+    result = subprocess.run([sys.executable, "-m", "utils.plot_metrics", dapo_run, grpo_run, "--out", target],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(out) == ["X.png"]
+    assert result.stdout.strip() == target
+
+
+def test_cli_bad_folder_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "utils.plot_metrics", str(tmp_path / "nope")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and "not a run folder" in result.stderr
+
+
+def test_truncated_last_line_warns_and_still_plots(tmp_path):
+    run_dir = make_run(tmp_path, "dapo_crashed", tail='{"step": 41, "reward/to')
+    with pytest.warns(UserWarning, match="line 42"):
+        records = read_metrics(run_dir)
+    assert records[-1]["step"] == STEPS
+    path = str(tmp_path / "crashed.png")
+    with pytest.warns(UserWarning, match="line 42"):
+        fig = plot_dapo_metrics(run_dir, path)
+    check_figure(fig, path)

@@ -1,0 +1,280 @@
+"""Plots of the metrics a trainer writes to `runs/<trainer>_<timestamp>/metrics.jsonl`.
+
+Usage:
+    python -m utils.plot_metrics RUN_DIR
+        writes RUN_DIR/plots/training_metrics.png (and attention_mdi.png when the run logged
+        attention/<stage>/mdi), then prints the paths
+    python -m utils.plot_metrics RUN_DIR [RUN_DIR ...] [--out FILE]
+        overlays the runs in one figure, FILE (default: runs_comparison.png in the current folder)
+
+From Python: `plot_run(run_dir, compare_dir=None)` also writes dapo_vs_grpo.png next to the others when
+given a second run. Every raw series is drawn faintly with its exponential moving average on top;
+held-out evaluations (eval/*, logged every EVAL_EVERY steps) are drawn as markers, unsmoothed.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
+
+DAPO_COLOR, GRPO_COLOR = "tab:blue", "tab:orange"
+STAGES = ("early", "middle", "late", "all")
+DPI = 100
+
+
+# ── Reading a run ──────────────────────────────────────────────────────────────────────────────────────────
+def read_metrics(run_dir):
+    """One dict per line of `run_dir/metrics.jsonl`; lines that are not valid JSON are skipped with a warning."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir!r} (is it a run folder?)")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}: line {number} is not valid JSON (truncated write?); skipped", stacklevel=2)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def read_config(run_dir):
+    """The trainer's constants from `run_dir/config.json`; {} when the file is missing."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def series(records, key, transform=None):
+    """(steps, values) of `key` over the records, leaving out steps where it is absent, None or NaN."""
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if _finite(value) and "step" in record:
+            steps.append(record["step"])
+            values.append(transform(value) if transform else value)
+    return steps, values
+
+
+def smooth(values, weight=0.8):
+    """Exponential moving average; None/NaN entries stay NaN in the output and do not move the average."""
+    out, average = [], None
+    for value in values:
+        if not _finite(value):
+            out.append(float("nan"))
+            continue
+        average = value if average is None else weight * average + (1 - weight) * value
+        out.append(average)
+    return out
+
+
+# ── Drawing ────────────────────────────────────────────────────────────────────────────────────────────────
+def draw(ax, records, key, label=None, color=None, transform=None, smoothing=0.8):
+    """Draw one series on `ax`: faint raw line + smoothed line of the same colour, or markers for eval/*.
+
+    Returns the number of points drawn (0 when the run never logged the key)."""
+    steps, values = series(records, key, transform)
+    if not steps:
+        return 0
+    if key.startswith("eval/"):  # sparse: every EVAL_EVERY steps, no smoothing
+        ax.plot(steps, values, marker="o", markersize=4, linewidth=1.5, color=color, label=label)
+    else:
+        (raw,) = ax.plot(steps, values, alpha=0.3, linewidth=1, color=color,
+                         marker="o" if len(steps) == 1 else None)
+        ax.plot(steps, smooth(values, smoothing), linewidth=1.8, color=raw.get_color(), label=label)
+    return len(steps)
+
+
+def _style(ax, title, ylabel, legend=False):
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if not ax.get_lines():
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+    if legend and ax.get_lines():
+        ax.legend(fontsize=8, loc="best")
+
+
+def _save(fig, out_path, top=1.0):
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(out_path, dpi=DPI)
+    return fig
+
+
+def _name(run_dir):
+    return os.path.basename(os.path.normpath(run_dir))
+
+
+# ── Figures ────────────────────────────────────────────────────────────────────────────────────────────────
+def plot_dapo_metrics(run_dir, out_path):
+    """2x3 panels of one run: loss, entropy bonus term, reward, entropy, dynamic sampling, response length."""
+    records, config = read_metrics(run_dir), read_config(run_dir)
+    coef = config.get("ENTROPY_COEF", 0.0)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    (loss_ax, bonus_ax, reward_ax), (entropy_ax, sampling_ax, length_ax) = axes
+
+    draw(loss_ax, records, "policy/loss", color="tab:blue")
+    _style(loss_ax, "Policy loss", "loss (per token)")
+
+    draw(bonus_ax, records, "policy/entropy", color="tab:purple", transform=lambda h: -coef * h)
+    _style(bonus_ax, f"Entropy bonus term (−ENTROPY_COEF·entropy)\nENTROPY_COEF = {coef:g}",
+           "loss term (coef × nats / token)")
+
+    draw(reward_ax, records, "reward/total/mean", label="total (mean)", color="tab:green")
+    draw(reward_ax, records, "reward/accuracy/mean", label="accuracy (mean)", color="tab:red")
+    _style(reward_ax, "Reward", "reward (per completion)", legend=True)
+
+    draw(entropy_ax, records, "policy/entropy", color="tab:purple")
+    _style(entropy_ax, "Entropy (nats / token)", "entropy (nats / token)")
+
+    draw(sampling_ax, records, "dapo/gen_batches", label="generation rounds", color="tab:blue")
+    off = " (off: DYNAMIC_SAMPLING = False)" if config.get("DYNAMIC_SAMPLING") is False else ""
+    _style(sampling_ax, "Dynamic sampling" + off, "generation rounds / step")
+    sampling_ax.set_ylim(0, max(series(records, "dapo/gen_batches")[1], default=1) + 0.5)
+    sampling_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    sampling_ax.set_ylabel("generation rounds / step", color="tab:blue")
+    kept_ax = sampling_ax.twinx()
+    draw(kept_ax, records, "dapo/kept_group_frac", label="kept group fraction", color="tab:orange")
+    kept_ax.set_ylabel("kept groups (fraction)", color="tab:orange")
+    kept_ax.set_ylim(0, 1.05)
+
+    draw(length_ax, records, "response/length/mean", color="tab:brown")
+    _style(length_ax, "Response length (tokens)", "length (tokens, mean)")
+
+    fig.suptitle(_name(run_dir), fontsize=12)
+    return _save(fig, out_path)
+
+
+def plot_dapo_vs_grpo_comparison(dapo_dir, grpo_dir, out_path):
+    """2x2 panels: policy loss, total reward, entropy, held-out accuracy of a DAPO run and a GRPO run."""
+    runs = [(f"DAPO: {_name(dapo_dir)}", read_metrics(dapo_dir), DAPO_COLOR),
+            (f"GRPO: {_name(grpo_dir)}", read_metrics(grpo_dir), GRPO_COLOR)]
+    panels = [("policy/loss", "Policy loss", "loss (per token)"),
+              ("reward/total/mean", "Reward (total, mean)", "reward (per completion)"),
+              ("policy/entropy", "Entropy (nats / token)", "entropy (nats / token)"),
+              ("eval/accuracy", "Held-out accuracy (greedy)", "accuracy (fraction)")]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (key, title, ylabel) in zip(axes.flat, panels):
+        for label, records, color in runs:
+            draw(ax, records, key, label=label, color=color)
+        _style(ax, title, ylabel, legend=True)
+    fig.suptitle("DAPO vs GRPO", fontsize=12)
+    return _save(fig, out_path)
+
+
+def plot_attention(run_dir, out_path):
+    """MDI by stage over steps (log scale); None, and no file, when the run logged no attention/*/mdi."""
+    records = read_metrics(run_dir)
+    keys = {k for r in records for k in r if k.startswith("attention/") and k.endswith("/mdi")}
+    if not keys:
+        return None
+    ordered = [f"attention/{s}/mdi" for s in STAGES if f"attention/{s}/mdi" in keys] + \
+              sorted(keys - {f"attention/{s}/mdi" for s in STAGES})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in ordered:  # log scale: only positive values can be drawn
+        draw(ax, records, key, label=key.split("/")[1], transform=lambda v: v if v > 0 else float("nan"))
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="text = vision")
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()  # plain numbers on the ticks; minor ticks labelled within about a decade
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if high / low < 20 else NullFormatter())
+    ax.grid(True, which="minor", axis="y", alpha=0.15)
+    _style(ax, f"Modality dominance by stage — {_name(run_dir)}",
+           "MDI (text/vision attention per token;\n>1 = text dominates)", legend=True)
+    return _save(fig, out_path)
+
+
+def plot_runs(run_dirs, out_path):
+    """Overlay any number of runs, one colour each: rewards, accuracies, loss, entropy, response length."""
+    panels = [("reward/total/mean", "Reward (total, mean)", "reward (per completion)"),
+              ("reward/accuracy/mean", "Sampled accuracy (mean)", "accuracy (fraction)"),
+              ("eval/accuracy", "Held-out accuracy (greedy)", "accuracy (fraction)"),
+              ("policy/loss", "Policy loss", "loss (per token)"),
+              ("policy/entropy", "Entropy (nats / token)", "entropy (nats / token)"),
+              ("response/length/mean", "Response length (tokens)", "length (tokens, mean)")]
+    runs = [(_name(d), read_metrics(d)) for d in run_dirs]
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, (key, title, ylabel) in zip(axes.flat, panels):
+        for i, (name, records) in enumerate(runs):
+            draw(ax, records, key, label=name, color=colors[i % len(colors)])
+        _style(ax, title, ylabel)
+    handles = [Line2D([], [], color=colors[i % len(colors)], linewidth=2) for i in range(len(runs))]
+    fig.legend(handles, [name for name, _ in runs], loc="upper center", ncol=min(len(runs), 4), fontsize=9)
+    return _save(fig, out_path, top=1 - 0.045 * math.ceil(len(runs) / 4))  # room for the legend on top
+
+
+def _is_dapo(run_dir):
+    """True / False from config.json's DYNAMIC_SAMPLING, else from the folder name; None when unknown."""
+    flag = read_config(run_dir).get("DYNAMIC_SAMPLING")
+    if isinstance(flag, bool):
+        return flag
+    name = _name(run_dir).lower()
+    return True if name.startswith("dapo") else False if name.startswith("grpo") else None
+
+
+def plot_run(run_dir, compare_dir=None):
+    """Write the run's figures into `run_dir/plots/`; returns the paths written."""
+    plots = os.path.join(run_dir, "plots")
+    written = []
+
+    def keep(fig, path):
+        if fig is not None:
+            plt.close(fig)
+            written.append(path)
+
+    path = os.path.join(plots, "training_metrics.png")
+    keep(plot_dapo_metrics(run_dir, path), path)
+    path = os.path.join(plots, "attention_mdi.png")
+    keep(plot_attention(run_dir, path), path)
+    if compare_dir is not None:
+        run_is_dapo, compare_is_dapo = _is_dapo(run_dir), _is_dapo(compare_dir)
+        dapo_dir, grpo_dir = run_dir, compare_dir  # when undecided: the run first
+        if run_is_dapo is not True and (run_is_dapo is False or compare_is_dapo is True):
+            dapo_dir, grpo_dir = compare_dir, run_dir
+        path = os.path.join(plots, "dapo_vs_grpo.png")
+        keep(plot_dapo_vs_grpo_comparison(dapo_dir, grpo_dir, path), path)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m utils.plot_metrics", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl")
+    parser.add_argument("--out", help="comparison figure (default: runs_comparison.png)")
+    args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+            sys.exit(f"plot_metrics: error: {run_dir!r} is not a run folder (no metrics.jsonl)")
+    if len(args.run_dirs) == 1 and args.out is None:
+        for path in plot_run(args.run_dirs[0]):
+            print(path)
+    else:
+        out = args.out or "runs_comparison.png"
+        plt.close(plot_runs(args.run_dirs, out))
+        print(out)
+
+
+if __name__ == "__main__":
+    main()
