@@ -24,6 +24,8 @@ import torch
 from tqdm import tqdm
 
 from data import PromptSampler, load_datasets
+from utils.attention import (batch_metrics, mdi_reward, prompt_token_counts, sample_metrics, stage_layers,
+                             token_vgr, token_weight_metrics, token_weights)
 from utils.config import apply_overrides, check_values, constants_of, format_config
 from utils.evaluate import evaluate
 from utils.logprobs import batched_logprobs
@@ -94,6 +96,16 @@ DYNAMIC_SAMPLING = False  # bool; drop all-right / all-wrong groups and refill w
 MAX_GEN_BATCHES = 4  # generation rounds per step at most when refilling; then train on what is there
 OVERLONG_FILTERING = False  # bool; truncated completions get loss weight 0
 
+# ── Attention diagnostics (SPEC §6) ───────────────────────────────────────────────────────────────
+ATTENTION_METRICS = True  # bool; attention mass on image / text / completion keys, logged every step
+ATTENTION_EXCLUDE_SINK = True  # bool; keep the first prompt token (the attention sink) out of the text bucket
+VGR_LAYERS = "late"  # layers whose attention defines VGR: "early" | "middle" | "late" | "all"
+USE_TOKEN_WEIGHTS = False  # bool; scale each token's advantage by a weight from its VGR (ablation)
+TOKEN_WEIGHT_MIN = 0.2  # lower clip of the token weights (their mean is 1)
+TOKEN_WEIGHT_MAX = 3.0  # upper clip of the token weights
+TOKEN_WEIGHT_SMOOTHING = 0.0  # σ in tokens of a Gaussian smoothing of the weights; 0 = off
+W_MDI = 0.0  # weight of the group-relative MDI reward (more attention to the image than the group); 0 = off
+
 # ── Optimisation ──────────────────────────────────────────────────────────────────────────────────
 TOTAL_STEPS = 100  # training steps (one rollout batch each)
 LEARNING_RATE = 5e-4  # AdamW peak; the tiny model wants ~5e-4, a 3B model ~1e-6
@@ -146,6 +158,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg["LEARNING_RATE"],
                                   weight_decay=cfg["WEIGHT_DECAY"])
     suppress = suppressed_token_ids(processor.tokenizer)
+    image_id = policy.config.image_token_id if cfg["ATTENTION_METRICS"] else None  # None: no attention metrics
     log(f"policy on {policy_device}, rollout on {rollout_device}, reference: {'yes' if reference else 'none'}, "
         f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
 
@@ -197,25 +210,44 @@ def main(argv=None):
         metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything),
                    "dapo/gen_batches": n_groups // cfg["TRAIN_BATCH_PROMPTS"], "dapo/train_groups": n_kept,
                    "dapo/kept_group_frac": n_kept / n_groups, "dapo/flat_group_frac": flat.float().mean().item()}
-        batch, advantages = everything, torch.zeros(len(everything))  # what the logs show if there is no update
+        # What the logs show if there is no update:
+        batch, advantages, attention, vgr, weights = everything, torch.zeros(len(everything)), None, None, None
         if not kept_rows:
             run.warn(f"step {step}: no informative group in {n_groups} sampled; no update this step")
         else:
             batch = select_rows(everything, kept_rows)
 
-            # ── 2. Advantages: group-normalised rewards, one per completion ──
+            # ── 2. Log-probs of the rollout policy (π_old) and of the reference; attention masses on the way ──
+            t_lp = time.time()
+            lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
+                       cfg["TEMPERATURE"])
+            logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)  # [B, L]
+            if image_id is not None:
+                logp_old, masses = logp_old  # masses: [layers, B, L, 4]
+                n_text, n_vision = prompt_token_counts(batch.prompt_inputs, image_id)  # [B] each
+                attention = sample_metrics(masses, batch.completion_mask, n_text, n_vision,
+                                           cfg["ATTENTION_EXCLUDE_SINK"])  # {stage: {metric: [B]}}
+                metrics.update(batch_metrics(attention, n_text, n_vision))
+            ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
+            logprob_s = time.time() - t_lp
+
+            # ── 3. Advantages: group-normalised rewards (+ the MDI reward), optionally weighted per token ──
+            if cfg["W_MDI"]:
+                batch.rewards["mdi"] = mdi_reward(attention["all"]["mdi"], G)
+                batch.rewards["total"] = batch.rewards["total"] + cfg["W_MDI"] * batch.rewards["mdi"]
+                metrics["reward/mdi/mean"] = batch.rewards["mdi"].mean().item()
             advantages = group_advantages(batch.rewards["total"], G, cfg["SCALE_ADVANTAGE_BY_STD"])  # [B]
             loss_mask = batch.completion_mask.float()  # [B, L]
             if cfg["OVERLONG_FILTERING"]:
                 loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
-
-            # ── 3. Log-probs of the rollout policy (π_old) and of the reference ──
-            t_lp = time.time()
-            lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
-                       cfg["TEMPERATURE"])
-            logp_old = batched_logprobs(rollout_model, *lp_args)  # [B, L]
-            ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
-            logprob_s = time.time() - t_lp
+            if image_id is not None:
+                vgr = token_vgr(masses, stage_layers(masses.shape[0])[cfg["VGR_LAYERS"]], n_text, n_vision,
+                                cfg["ATTENTION_EXCLUDE_SINK"])  # [B, L]
+            if cfg["USE_TOKEN_WEIGHTS"]:
+                weights = token_weights(vgr, batch.completion_mask, cfg["TOKEN_WEIGHT_MIN"], cfg["TOKEN_WEIGHT_MAX"],
+                                        cfg["TOKEN_WEIGHT_SMOOTHING"])  # [B, L], mean 1 per sequence
+                advantages = advantages.unsqueeze(1) * weights  # [B, L]
+                metrics.update(token_weight_metrics(weights, batch.completion_mask))
 
             # ── 4. Policy update, then refresh the generation copy for the next step ──
             t_up = time.time()
@@ -239,7 +271,7 @@ def main(argv=None):
         run.print_metrics(metrics, SHOWN_METRICS)
         last = step == cfg["TOTAL_STEPS"]
         if step % cfg["LOG_EVERY"] == 0 or last:
-            run.log_samples(step, batch, advantages, processor.tokenizer, cfg["LOG_SAMPLES"])
+            run.log_samples(step, batch, advantages, processor.tokenizer, cfg["LOG_SAMPLES"], attention, vgr, weights)
         if (cfg["PLOT_EVERY"] and step % cfg["PLOT_EVERY"] == 0) or last:
             compare = comparison_run(cfg["RUNS_DIR"], algo, cfg["COMPARE_WITH"])
             log(f"plots: {', '.join(plot_run(run.dir, compare))}")

@@ -71,3 +71,100 @@ def test_bucket_masses_match_eager_attention_and_leave_logits_unchanged(tiny_vlm
     valid = rollout.completion_mask.bool()
     assert torch.allclose(masses.sum(-1)[:, valid], torch.ones(layers, int(valid.sum())), atol=1e-5)
     assert (masses[..., 1][:, valid] > 0).all()  # every completion row looks at the image a little
+
+
+def constructed_masses():
+    """3 layers, 3 samples, 2 completion rows. Sample 0: N_t=4, N_v=16; sample 1: text only; sample 2: its second
+    row is padding and holds garbage that must be ignored."""
+    masses = torch.zeros(3, 3, 2, 4)
+    masses[:, 0] = torch.tensor([0.1, 0.2, 0.5, 0.2])  # sink, vision, text, completion: every layer and row
+    masses[2, 0] = torch.tensor([0.1, 0.4, 0.3, 0.2])  # the late layer looks at the image more
+    masses[:, 1] = torch.tensor([0.3, 0.0, 0.5, 0.2])
+    masses[:, 2, 0] = torch.tensor([0.2, 0.4, 0.4, 0.0])
+    masses[:, 2, 1] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # padding row
+    completion_mask = torch.tensor([[1, 1], [1, 1], [1, 0]])
+    return masses, completion_mask, torch.tensor([4, 10, 8]), torch.tensor([16, 0, 16])
+
+
+def test_attention_metrics_by_hand():
+    from utils.attention import sample_metrics, stage_layers
+
+    assert stage_layers(3) == {"early": [0], "middle": [1], "late": [2], "all": [0, 1, 2]}
+    assert stage_layers(4)["early"] == [0, 1] and stage_layers(36)["late"] == list(range(24, 36))
+    masses, mask, n_text, n_vision = constructed_masses()
+    m = sample_metrics(masses, mask, n_text, n_vision)
+    # Sample 0, early: a_T = 0.5, a_V = 0.2, text_ratio = 5/7, share of text tokens 4/20.
+    assert m["early"]["text_ratio"][0].item() == pytest.approx(5 / 7)
+    assert m["early"]["aei_text"][0].item() == pytest.approx((5 / 7) / 0.2)
+    assert m["early"]["aei_vision"][0].item() == pytest.approx((2 / 7) / 0.8)
+    assert m["early"]["mdi"][0].item() == pytest.approx((0.5 / 4) / (0.2 / 16))  # = 10
+    # Late: a_T = 0.3, a_V = 0.4 -> MDI 3; all layers: a_T = 1.3/3, a_V = 0.8/3 -> MDI (1.3/4)/(0.8/16) = 6.5.
+    assert m["late"]["mdi"][0].item() == pytest.approx(3.0)
+    assert m["all"]["mdi"][0].item() == pytest.approx(6.5)
+    assert m["all"]["sink_ratio"][0].item() == pytest.approx(0.1)
+    assert m["all"]["response_ratio"][0].item() == pytest.approx(0.2)
+    for stage in m:
+        assert torch.allclose(m[stage]["mdi"][[0, 2]], (m[stage]["aei_text"] / m[stage]["aei_vision"])[[0, 2]])
+        assert all(torch.isnan(v[1]) for v in m[stage].values())  # the text-only sample
+    # Sample 2 ignores its padding row: MDI = (0.4/8)/(0.4/16) = 2.
+    assert m["all"]["mdi"][2].item() == pytest.approx(2.0)
+    # The sink joins the text bucket when it is not excluded: a_T = 0.6, N_t = 5.
+    with_sink = sample_metrics(masses, mask, n_text, n_vision, exclude_sink=False)
+    assert with_sink["early"]["mdi"][0].item() == pytest.approx((0.6 / 5) / (0.2 / 16))
+
+
+def test_batch_attention_metrics():
+    from utils.attention import batch_metrics, sample_metrics
+
+    masses, mask, n_text, n_vision = constructed_masses()
+    out = batch_metrics(sample_metrics(masses, mask, n_text, n_vision), n_text, n_vision)
+    assert out["attention/text_only_count"] == 1
+    assert out["attention/vision_tokens"] == pytest.approx(32 / 3)
+    assert out["attention/text_tokens"] == pytest.approx(22 / 3)
+    # Geometric mean of MDI over the two image samples (6.5 and 2), and the identity for geometric means.
+    assert out["attention/all/mdi"] == pytest.approx((6.5 * 2) ** 0.5)
+    assert out["attention/all/mdi"] == pytest.approx(out["attention/all/aei_text"] / out["attention/all/aei_vision"])
+    assert out["attention/all/mdi_median"] == pytest.approx(4.25)  # the mean of the two middle values
+    # Ratios from averaged masses: a_T = mean(1.3/3, 0.4), a_V = mean(0.8/3, 0.4).
+    a_t, a_v = (1.3 / 3 + 0.4) / 2, (0.8 / 3 + 0.4) / 2
+    assert out["attention/all/text_ratio"] == pytest.approx(a_t / (a_t + a_v))
+    assert out["attention/all/vision_ratio"] == pytest.approx(a_v / (a_t + a_v))
+    stages = {k.split("/")[1] for k in out if k.count("/") == 2}
+    assert stages == {"early", "middle", "late", "all"}
+
+
+def test_vgr_and_token_weights():
+    from utils.attention import token_vgr, token_weights
+
+    masses, mask, n_text, n_vision = constructed_masses()
+    vgr = token_vgr(masses, [2], n_text, n_vision)  # late layer only
+    assert vgr[0, 0].item() == pytest.approx((0.3 / 4) / (0.4 / 16)) and torch.isnan(vgr[1]).all()
+    torch.manual_seed(0)
+    vgr = torch.rand(4, 12) * 20 + 0.01
+    vgr[0, 3] = 1e-4  # a token that looks almost only at the image: huge raw weight, must be clipped
+    mask = (torch.arange(12) < torch.tensor([[12], [7], [3], [1]])).float()
+    for smoothing in (0.0, 1.5):
+        w = token_weights(vgr, mask, 0.2, 3.0, smoothing)
+        means = (w * mask).sum(1) / mask.sum(1)
+        assert torch.allclose(means, torch.ones(4), atol=1e-5)
+        assert (w[mask.bool()] >= 0.2 - 1e-5).all() and (w[mask.bool()] <= 3.0 + 1e-5).all()
+        assert (w[~mask.bool()] == 0).all()
+    # Lower VGR (more attention to the image) -> larger weight.
+    w = token_weights(torch.tensor([[1.0, 2.0, 4.0]]), torch.ones(1, 3))
+    assert w[0, 0] > w[0, 1] > w[0, 2]
+    # No finite VGR (text-only prompt): every valid token weighs 1.
+    assert torch.equal(token_weights(torch.full((1, 3), float("nan")), torch.tensor([[1.0, 1, 0]])),
+                       torch.tensor([[1.0, 1, 0]]))
+
+
+def test_mdi_reward_by_hand():
+    from utils.attention import mdi_reward
+
+    e = torch.tensor(1.0).exp().item()
+    mdi = torch.tensor([1.0, e, e**2, e**3, 2.0, float("nan"), 2.0, 2.0])
+    r = mdi_reward(mdi, group_size=4)
+    # Group 1: ln MDI = 0..3, median 1.5, MAD 1.0 -> z = (1.5 - ln) / 1.4826.
+    expected = 0.5 * torch.tanh((1.5 - torch.arange(4.0)) / (1.4826 + 1e-6))
+    assert torch.allclose(r[:4], expected, atol=1e-5)
+    assert r[0] > 0 > r[3]  # the sample that looked at the image most is rewarded
+    assert r[5] == 0 and torch.allclose(r[[4, 6, 7]], torch.zeros(3))  # undefined -> 0; equal values -> 0

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +17,11 @@ REQUIRED_KEYS = [
     "policy/clip_frac_low", "policy/clip_frac_high", "policy/kl", "response/length/mean",
     "response/truncated_frac", "dapo/gen_batches", "dapo/kept_group_frac", "perf/step_s", "perf/tokens_per_s",
 ]
+
+
+ATTENTION_KEYS = [f"attention/{stage}/{metric}" for stage in ("early", "middle", "late", "all")
+                  for metric in ("text_ratio", "vision_ratio", "aei_text", "aei_vision", "mdi", "mdi_median",
+                                 "sink_ratio", "response_ratio")] + ["attention/vision_tokens", "attention/text_tokens"]
 
 
 def run_trainer(script, runs_dir, *extra):
@@ -43,6 +49,11 @@ def check_run_folder(run_dir, script):
         assert row["policy/entropy"] is None or row["policy/entropy"] >= 0
         assert row["perf/step_s"] > 0 and row["perf/tokens_per_s"] > 0
     assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0
+    for row in rows[1:]:  # attention metrics are on by default: every stage and metric, finite
+        for key in ATTENTION_KEYS:
+            assert math.isfinite(row[key]), key
+        assert row["attention/text_only_count"] == 0 and row["attention/vision_tokens"] == 16
+        assert row["attention/all/mdi"] == pytest.approx(row["attention/all/aei_text"] / row["attention/all/aei_vision"])
     check_markdown_logs(run_dir)
     assert os.path.getsize(os.path.join(run_dir, "plots", "training_metrics.png")) > 10_000
     return config, rows
@@ -70,7 +81,11 @@ def check_markdown_logs(run_dir):
     for key in ("Accuracy", "Format", "Total reward"):
         mean, std = (float(x) for x in summary[key].split(" ± "))
         assert math.isfinite(mean) and math.isfinite(std) and std >= 0
-    assert summary["MDI"] == "off" and "attention metrics are off in this run" in results
+    mdi = summary["MDI"].split(" (")[0].split(" ± ")
+    assert all(math.isfinite(float(x)) for x in mdi) and float(mdi[0]) > 0
+    stages = table_rows(results, "| Stage | MDI mean | MDI std | AEI text | AEI vision |")
+    assert [row[0] for row in stages] == ["Early", "Middle", "Late", "All"]
+    assert all(math.isfinite(float(x)) for row in stages for x in row[1:])
     image = re.search(r"!\[[^\]]*\]\(([^)]+)\)", results).group(1)
     assert os.path.getsize(os.path.join(run_dir, image)) > 100
     tokens = dict(table_rows(read("attention_diagnostics.md"), "| Tokens | Mean ± std |"))
@@ -80,12 +95,22 @@ def check_markdown_logs(run_dir):
     assert weights.count("## Step ") == 2 and "advantage" in weights and "<think>" in weights
     terminal = read("run_terminal.md")
     assert "## Config" in terminal and "TOTAL_STEPS" in terminal and "### Step 2" in terminal
-    assert "**Rewards**" in terminal and "**Policy**" in terminal and "**Attention**: off" in terminal
+    assert "**Rewards**" in terminal and "**Policy**" in terminal and "**Attention**" in terminal
+    assert os.path.getsize(os.path.join(run_dir, "plots", "attention_mdi.png")) > 10_000
 
 
 def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
-    dapo_dir = run_trainer("dapo.py", tmp_path / "runs")
+    # DAPO with the attention ablation: VGR token weights and the MDI reward.
+    dapo_dir = run_trainer("dapo.py", tmp_path / "runs", "--USE_TOKEN_WEIGHTS=True", "--W_MDI=0.1",
+                           "--TOKEN_WEIGHT_SMOOTHING=1.0")
     config, rows = check_run_folder(dapo_dir, "dapo.py")
+    for row in rows[1:]:
+        assert -0.5 <= row["reward/mdi/mean"] <= 0.5
+        assert row["policy/token_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert 0.2 - 1e-5 <= row["policy/token_weight_min"] <= row["policy/token_weight_max"] <= 3.0 + 1e-5
+    weights_log = open(os.path.join(dapo_dir, "token_weights.md")).read()
+    assert "Token weights: each word shows" in weights_log
+    assert re.search(r"shapes\(\d\.\d\d\)", weights_log)  # e.g. "shapes(1.85)"
     assert config["KL_BETA"] == 0.0 and all(r["policy/kl"] in (0.0, None) for r in rows[1:])
     assert all(1 <= r["dapo/gen_batches"] <= config["MAX_GEN_BATCHES"] for r in rows[1:])
 

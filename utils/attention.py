@@ -97,3 +97,157 @@ class BucketMasses:
         _active.remove(self)
         self.model.config.get_text_config()._attn_implementation_internal = self._previous
         return False
+
+
+# ── Metrics (SPEC §6; Wu et al., arXiv:2508.10552) ──────────────────────────────────────────────────
+SINK, VISION, TEXT, COMPLETION = range(4)
+STAGES = ("early", "middle", "late", "all")
+
+
+def stage_layers(n_layers):
+    """{stage: layer indices}: early / middle / late thirds of the decoder layers (earlier thirds get the
+    remainder), and all of them."""
+    thirds = [t.tolist() for t in torch.arange(n_layers).tensor_split(3)]
+    return dict(zip(STAGES, thirds + [list(range(n_layers))]))
+
+
+def text_and_vision(masses, n_text, n_vision, exclude_sink=True):
+    """(a_T, a_V, N_t) from masses [..., 4] and counts; with exclude_sink=False the sink joins the text bucket."""
+    a_text, a_vision = masses[..., TEXT], masses[..., VISION]
+    if not exclude_sink:
+        a_text, n_text = a_text + masses[..., SINK], n_text + 1
+    return a_text, a_vision, n_text
+
+
+def sample_metrics(masses, completion_mask, n_text, n_vision, exclude_sink=True):
+    """Per-sample metrics per stage: {stage: {metric: [B]}}.
+
+    masses: [layers, B, L, 4] (BucketMasses.values); completion_mask: [B, L]; n_text, n_vision: [B] token counts
+    (n_text without the sink). a_X = mass on bucket X averaged over heads (already), valid rows, then the stage's
+    layers. text_ratio = a_T/(a_T+a_V); AEI_text = text_ratio/(N_t/(N_t+N_v)), AEI_vision likewise;
+    MDI = (a_T/N_t)/(a_V/N_v) = AEI_text/AEI_vision. Text-only prompts (N_v = 0) give NaN.
+    """
+    mask = completion_mask.to(masses.dtype).unsqueeze(-1)  # [B, L, 1]
+    per_layer = (masses * mask).sum(2) / mask.sum(1).clamp(min=1)  # [layers, B, 4]
+    n_text, n_vision = n_text.to(masses.dtype), n_vision.to(masses.dtype)
+    out = {}
+    for stage, layers in stage_layers(masses.shape[0]).items():
+        m = per_layer[layers].mean(0)  # [B, 4]
+        a_text, a_vision, n_t = text_and_vision(m, n_text, n_vision, exclude_sink)
+        text_ratio = a_text / (a_text + a_vision)
+        share_text = n_t / (n_t + n_vision)
+        metrics = {
+            "a_text": a_text, "a_vision": a_vision, "sink_ratio": m[:, SINK], "response_ratio": m[:, COMPLETION],
+            "text_ratio": text_ratio, "vision_ratio": 1 - text_ratio,
+            "aei_text": text_ratio / share_text, "aei_vision": (1 - text_ratio) / (1 - share_text),
+            "mdi": (a_text / n_t) / (a_vision / n_vision),
+        }
+        text_only = n_vision == 0
+        out[stage] = {k: v.masked_fill(text_only, float("nan")) for k, v in metrics.items()}
+    return out
+
+
+def geometric_mean(values):
+    values = values[torch.isfinite(values) & (values > 0)]
+    return values.log().mean().exp().item() if len(values) else float("nan")
+
+
+def batch_metrics(per_sample, n_text, n_vision):
+    """`attention/<stage>/<metric>` for metrics.jsonl. Ratios come from masses averaged over the samples (never
+    from averaged ratios); AEI and MDI are geometric means over samples (so mdi = aei_text / aei_vision holds
+    for the batch too), plus the MDI median. Text-only samples are left out and counted."""
+    text_only = torch.isnan(per_sample["all"]["mdi"])
+    keep = ~text_only
+    out = {"attention/text_only_count": int(text_only.sum()), "attention/vision_tokens": n_vision.float().mean().item(),
+           "attention/text_tokens": n_text.float().mean().item()}
+    for stage, m in per_sample.items():
+        if not keep.any():
+            for name in ("text_ratio", "vision_ratio", "sink_ratio", "response_ratio", "aei_text", "aei_vision",
+                         "mdi", "mdi_median"):
+                out[f"attention/{stage}/{name}"] = float("nan")
+            continue
+        a_text, a_vision = m["a_text"][keep].mean(), m["a_vision"][keep].mean()
+        out[f"attention/{stage}/text_ratio"] = (a_text / (a_text + a_vision)).item()
+        out[f"attention/{stage}/vision_ratio"] = (a_vision / (a_text + a_vision)).item()
+        out[f"attention/{stage}/sink_ratio"] = m["sink_ratio"][keep].mean().item()
+        out[f"attention/{stage}/response_ratio"] = m["response_ratio"][keep].mean().item()
+        for name in ("aei_text", "aei_vision", "mdi"):
+            out[f"attention/{stage}/{name}"] = geometric_mean(m[name][keep])
+        out[f"attention/{stage}/mdi_median"] = m["mdi"][keep].quantile(0.5).item()
+    return out
+
+
+def token_vgr(masses, layers, n_text, n_vision, exclude_sink=True):
+    """VGR per completion token: the token-level MDI over `layers`. [layers, B, L, 4] -> [B, L] (NaN if N_v = 0)."""
+    m = masses[layers].mean(0)  # [B, L, 4]
+    n_text, n_vision = n_text.to(m.dtype).unsqueeze(1), n_vision.to(m.dtype).unsqueeze(1)
+    a_text, a_vision, n_t = text_and_vision(m, n_text, n_vision, exclude_sink)
+    return (a_text / n_t) / (a_vision / n_vision)
+
+
+def gaussian_smooth(values, mask, sigma):
+    """Mask-aware Gaussian smoothing along the sequence: smooth(v·m) / smooth(m). values, mask: [B, L]."""
+    radius = max(1, int(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=values.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2).view(1, 1, -1)
+    num = torch.nn.functional.conv1d((values * mask).unsqueeze(1), kernel, padding=radius).squeeze(1)
+    den = torch.nn.functional.conv1d(mask.unsqueeze(1), kernel, padding=radius).squeeze(1)
+    return num / den.clamp(min=1e-12)
+
+
+def token_weights(vgr, mask, low=0.2, high=3.0, smoothing=0.0, rounds=20):
+    """Loss weights from VGR (SPEC §6): u = 1/(VGR + 1e-6), optional mask-aware Gaussian smoothing (σ =
+    `smoothing` tokens), divided by its mean over each sequence's valid tokens, clipped to [low, high] and
+    renormalised to mean 1 (clip and renormalise repeat until both hold). Sequences without a finite VGR get
+    weight 1. vgr, mask: [B, L]; returns [B, L], 0 on padding."""
+    mask = mask.to(vgr.dtype)
+    finite = torch.isfinite(vgr)
+    u = torch.where(finite, 1.0 / (vgr.clamp(min=0) + 1e-6), torch.ones_like(vgr)) * mask
+    no_signal = ~(finite & mask.bool()).any(1, keepdim=True)
+    u = torch.where(no_signal, mask, u)
+    if smoothing > 0:
+        u = gaussian_smooth(u, mask, smoothing) * mask
+    mean = lambda x: (x * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # noqa: E731
+    u = u / mean(u).clamp(min=1e-12)
+    for _ in range(rounds):
+        u = u.clamp(low, high) * mask
+        u = u / mean(u).clamp(min=1e-12)
+        if ((u <= high + 1e-6) | (mask == 0)).all() and ((u >= low - 1e-6) | (mask == 0)).all():
+            break
+    return u * mask
+
+
+def mdi_reward(mdi, group_size, eps=1e-6):
+    """Group-relative MDI reward: z_i = (median_g ln MDI − ln MDI_i) / (1.4826·MAD_g + eps), r_i = 0.5·tanh(z_i);
+    lower MDI (more attention to the image) than the group's median is rewarded. 0 where MDI is undefined.
+    mdi: [B] (groups of G contiguous) -> [B]."""
+    log_mdi = mdi.log().view(-1, group_size)  # [N, G]
+    out = torch.zeros_like(log_mdi)
+    for g, row in enumerate(log_mdi):
+        valid = torch.isfinite(row)
+        if not valid.any():
+            continue
+        median = row[valid].quantile(0.5)  # the mean of the two middle values for even counts
+        mad = (row[valid] - median).abs().quantile(0.5)
+        out[g, valid] = 0.5 * torch.tanh((median - row[valid]) / (1.4826 * mad + eps))
+    return out.view(-1)
+
+
+def prompt_token_counts(prompt_inputs, image_token_id):
+    """(N_t, N_v) per prompt: text tokens without the sink (the first real token), and image tokens. [B] each."""
+    valid = prompt_inputs["attention_mask"].bool()
+    n_vision = ((prompt_inputs["input_ids"] == image_token_id) & valid).sum(1)
+    return valid.sum(1) - n_vision - 1, n_vision
+
+
+def per_row(per_sample):
+    """{stage: {metric: [B]}} -> [{stage: {metric: float}}] (one dict per completion, for the markdown logs)."""
+    n = len(next(iter(per_sample.values()))["mdi"])
+    return [{stage: {k: v[i].item() for k, v in m.items()} for stage, m in per_sample.items()} for i in range(n)]
+
+
+def token_weight_metrics(weights, mask):
+    """policy/token_weight_{mean,std,min,max} over the valid tokens."""
+    w = weights[mask.bool()]
+    return {"policy/token_weight_mean": w.mean().item(), "policy/token_weight_std": w.std().item(),
+            "policy/token_weight_min": w.min().item(), "policy/token_weight_max": w.max().item()}

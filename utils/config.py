@@ -75,7 +75,8 @@ def format_config(config):
     return "\n".join(f"  {k:<{width}} = {v}" for k, v in shown.items())
 
 
-CHOICES = {"LOSS_AGGREGATION": ("token", "sample"), "LR_SCHEDULE": ("constant", "cosine")}
+CHOICES = {"LOSS_AGGREGATION": ("token", "sample"), "LR_SCHEDULE": ("constant", "cosine"),
+           "VGR_LAYERS": ("early", "middle", "late", "all")}
 AT_LEAST = {"GROUP_SIZE": 2, "TRAIN_BATCH_PROMPTS": 1, "TOTAL_STEPS": 1, "MAX_GEN_BATCHES": 1, "PPO_EPOCHS": 1,
             "MINI_BATCHES": 1, "MICRO_BATCH_SIZE": 1, "MAX_NEW_TOKENS": 1, "EVAL_EVERY": 1, "EVAL_SAMPLES": 1}
 
@@ -91,3 +92,7 @@ def check_values(config):
             raise ValueError(f"{key}={config[key]}: must be at least {low}{why}")
     if config.get("OVERLONG_BUFFER", 0) > config.get("MAX_NEW_TOKENS", 1):
         raise ValueError("OVERLONG_BUFFER must not exceed MAX_NEW_TOKENS")
+    if (config.get("USE_TOKEN_WEIGHTS") or config.get("W_MDI")) and not config.get("ATTENTION_METRICS", True):
+        raise ValueError("USE_TOKEN_WEIGHTS and W_MDI need ATTENTION_METRICS=True")
+    if not 0 < config.get("TOKEN_WEIGHT_MIN", 0.2) <= 1 <= config.get("TOKEN_WEIGHT_MAX", 3.0):
+        raise ValueError("token weight bounds must satisfy 0 < TOKEN_WEIGHT_MIN <= 1 <= TOKEN_WEIGHT_MAX")

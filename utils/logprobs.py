@@ -2,6 +2,7 @@
 
 import torch
 
+from utils.attention import BucketMasses
 from utils.rollout import slice_inputs
 
 
@@ -39,13 +40,24 @@ def completion_logprobs(model, prompt_inputs, completion_ids, completion_mask, t
 
 
 @torch.no_grad()
-def batched_logprobs(model, prompt_inputs, completion_ids, completion_mask, micro_batch_size, temperature=1.0):
-    """completion_logprobs over a whole batch in micro-batches, without gradients. Returns logp [B, L] on CPU."""
-    out = []
+def batched_logprobs(model, prompt_inputs, completion_ids, completion_mask, micro_batch_size, temperature=1.0,
+                     image_token_id=None):
+    """completion_logprobs over a whole batch in micro-batches, without gradients. Returns logp [B, L] on CPU.
+
+    With `image_token_id`, also the attention bucket masses of the same forward passes (utils/attention.py):
+    returns (logp [B, L], masses [layers, B, L, 4]).
+    """
+    out, masses = [], []
     for start in range(0, completion_ids.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        logp, _ = completion_logprobs(
-            model, slice_inputs(prompt_inputs, rows), completion_ids[rows], completion_mask[rows], temperature
-        )
+        inputs, ids, mask = slice_inputs(prompt_inputs, rows), completion_ids[rows], completion_mask[rows]
+        if image_token_id is None:
+            logp, _ = completion_logprobs(model, inputs, ids, mask, temperature)
+        else:
+            with BucketMasses(model, inputs, mask, image_token_id) as collector:
+                logp, _ = completion_logprobs(model, inputs, ids, mask, temperature)
+            masses.append(collector.values.cpu())
         out.append(logp.cpu())
-    return torch.cat(out)
+    if image_token_id is None:
+        return torch.cat(out)
+    return torch.cat(out), torch.cat(masses, 1)

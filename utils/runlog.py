@@ -10,6 +10,7 @@ import time
 
 from tqdm import tqdm
 
+from utils.attention import per_row
 from utils.markdown_logs import TerminalLog, append_attention_diagnostics, append_rollout_results, append_token_weights
 
 
@@ -46,13 +47,22 @@ class RunLog:
             f.write(json.dumps(clean) + "\n")
         self.terminal.metrics(metrics["step"], clean)
 
-    def log_samples(self, step, rollout, advantages, tokenizer, n_samples):
-        """rollout_results.md, attention_diagnostics.md and token_weights.md entries for this step's batch."""
+    def log_samples(self, step, rollout, advantages, tokenizer, n_samples, attention=None, vgr=None, weights=None):
+        """rollout_results.md, attention_diagnostics.md and token_weights.md entries for this step's batch.
+
+        attention: {stage: {metric: [B]}} (utils.attention.sample_metrics) or None; vgr, weights: [B, L] or None.
+        advantages: [B], or [B, L] with token weights (the sequence's advantage is then their mean).
+        """
         path = lambda name: os.path.join(self.dir, name)  # noqa: E731
+        rows = per_row(attention) if attention is not None else None
+        if advantages.dim() == 2:
+            advantages = (advantages * rollout.completion_mask).sum(1) / rollout.completion_mask.sum(1).clamp(min=1)
         append_rollout_results(path("rollout_results.md"), step, rollout, advantages, n_samples, path("images"),
-                               tokenizer=tokenizer)
-        append_attention_diagnostics(path("attention_diagnostics.md"), step, rollout, tokenizer=tokenizer)
-        append_token_weights(path("token_weights.md"), step, tokenizer, rollout, advantages, n_samples)
+                               attention=rows, tokenizer=tokenizer)
+        append_attention_diagnostics(path("attention_diagnostics.md"), step, rollout, attention=rows,
+                                     tokenizer=tokenizer)
+        append_token_weights(path("token_weights.md"), step, tokenizer, rollout, advantages, n_samples,
+                             weights=weights, vgr=vgr)
 
     def print_metrics(self, metrics, keys):
         def label(key):  # "reward/accuracy/mean" -> "accuracy/mean"; eval keys keep their namespace

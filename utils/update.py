@@ -14,7 +14,7 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                   temperature, warn=print):
     """Optimise the clipped surrogate (+ β·k3 − entropy bonus) on `batch`; returns mean statistics.
 
-    advantages: [B] per sequence (broadcast over tokens); logp_old, ref_logp, loss_mask: [B, L].
+    advantages: [B] per sequence (broadcast over tokens) or [B, L] per token; logp_old, ref_logp, loss_mask: [B, L].
     Each mini-batch is one optimizer step; its loss is normalised by the mini-batch's total valid tokens
     (token level) or sequences (sample level), so splitting it into micro-batches does not change it.
     A non-finite loss or gradient skips that optimizer step with a warning.
@@ -38,7 +38,8 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                     policy, slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows],
                     batch.completion_mask[rows], temperature, with_entropy=True,
                 )
-                adv = advantages[rows].to(device).unsqueeze(1)  # [b, 1], broadcast over tokens
+                adv = advantages[rows].to(device)  # [b] per sequence, or [b, L] per token (token weights)
+                adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
                 per_token, clipped_low, clipped_high = clipped_surrogate(
                     logp, logp_old[rows].to(device), adv, clip_low, clip_high
                 )

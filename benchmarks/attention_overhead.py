@@ -1,0 +1,334 @@
+"""Cost of the attention bucket masses (utils/attention.py BucketMasses): time of the log-prob pass, peak memory.
+
+(a) Time: the teacher-forced log-prob pass (no_grad forward over prompt + completion, utils/logprobs.py
+    completion_logprobs) with BucketMasses on and off, median of --repeats after one warm-up of each, the two
+    interleaved. Printed: both times, the extra seconds, the extra as % of the pass and (tiny model, or when
+    --step-seconds is given) as % of a full training step.
+(b) Memory: peak RSS increase of one forward at a sequence length >= --memory-seq-len (an image prompt made
+    long with filler text, plus --memory-completion-tokens completion tokens), for our path (sdpa +
+    BucketMasses), for the eager `output_attentions=True` path (bucket masses recomputed from the full maps)
+    and, as a reference, for the plain sdpa pass. Each path runs alone in a fresh subprocess (this script with
+    a hidden flag), one after the other: it loads the model, builds the inputs, returns freed memory to the OS
+    (malloc_trim), resets the kernel's peak-RSS mark (/proc/self/clear_refs), then records
+    resource.getrusage().ru_maxrss before and after the forward. The masses of the two paths are checked
+    against each other (asserted in fp32; reported in bf16, where the two kernels round differently).
+
+Models: "tiny" is the embedded tiny VLM (ensure_tiny_vlm(<repo>/.cache), fp32) when <repo>/.cache exists,
+else a random-init model of RECIPE's sizes; "3b" is a random-init Qwen2.5-VL with Qwen2.5-VL-3B's text stack
+(36 layers, hidden 2048, 16 heads, 2 KV heads, MLP 11008; ~2.8B parameters) in bf16, a tiny vision tower
+(RECIPE's, projecting to 2048) and the tiny tokenizer. Nothing is downloaded.
+
+  python benchmarks/attention_overhead.py                               # --model tiny: batch 64, 10 tokens
+  python benchmarks/attention_overhead.py --model 3b --repeats 2        # batch 1, 32 tokens (~10 GB RAM peak)
+  python benchmarks/attention_overhead.py --model tiny --memory-seq-len 2048 --memory-batch 8
+  python benchmarks/attention_overhead.py --model tiny --skip-memory --repeats 9
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ["TQDM_DISABLE"] = "1"  # must precede the first tqdm import: tqdm reads TQDM_* once, at import
+os.environ["HF_HUB_OFFLINE"] = "1"  # a name that is not a local folder fails instead of downloading
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from data.prompts import encode_prompts  # noqa: E402
+from data.synthetic import SyntheticVQA  # noqa: E402
+from utils.attention import BucketMasses, key_buckets  # noqa: E402
+from utils.logprobs import completion_logprobs, full_inputs  # noqa: E402
+from utils.model import load_model, load_processor  # noqa: E402
+from utils.tiny_vlm import RECIPE, build_model, build_processor, ensure_tiny_vlm, train_tokenizer  # noqa: E402
+
+# Qwen2.5-VL-3B's text stack: head_dim 2048/16 = 128, so mrope 16+24+24 = 64 = head_dim/2.
+TEXT_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, mrope_section=[16, 24, 24])
+DEFAULTS = {"tiny": {"batch": 64, "completion_tokens": 10, "step_seconds": 1.74},
+            "3b": {"batch": 1, "completion_tokens": 32, "step_seconds": None}}
+TIME_TARGET = 5.0  # extra time of the masses, % of a full training step (tiny default)
+MEMORY_TARGET = 2.0  # peak memory of our path, % of the eager output_attentions path's (seq len >= 1024)
+FILLER = "the shapes are red. "  # words of the task's own vocabulary: few tokens each, no special tokens
+
+
+def load(name, attn="sdpa"):
+    """(model in eval mode, processor, description)."""
+    cache = os.path.join(ROOT, ".cache")
+    if name == "tiny" and os.path.isdir(cache):
+        path = ensure_tiny_vlm(cache, log=lambda m: print(m, file=sys.stderr))
+        model, processor = load_model(path, "cpu", torch.float32), load_processor(path)
+        desc = f"embedded tiny VLM ({os.path.relpath(path, ROOT)})"
+    else:
+        tokenizer = train_tokenizer(RECIPE["vocab_size"])
+        processor = build_processor(tokenizer, RECIPE["vision"]["patch_size"], RECIPE["image_size"])
+        if name == "tiny":
+            model, desc = build_model(tokenizer, seed=0), "random-init tiny VLM (RECIPE sizes; no .cache folder)"
+        else:
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: fp32 first would need 11 GB
+            try:
+                model = build_model(tokenizer, text=TEXT_3B, vision=RECIPE["vision"], seed=0)
+            finally:
+                torch.set_default_dtype(previous)
+            desc = "random-init Qwen2.5-VL, 3B text shape (36 x 2048, 16/2 heads, MLP 11008), tiny vision + tokenizer"
+    if attn == "eager":
+        model.set_attn_implementation("eager")
+    return model.eval(), processor, desc
+
+
+def make_batch(processor, n, completion_tokens, min_total=0, seed=0):
+    """(prompt_inputs, completion_ids, completion_mask) for n synthetic image prompts and random completions.
+
+    With min_total, filler text is added to every problem until prompt width + completion_tokens >= min_total.
+    Problems differ in length, so prompts are left-padded; completions are right-padded (row 0 is full length,
+    the others between half and full length), as in a rollout batch.
+    """
+    data = SyntheticVQA(n, seed=seed, split="train")
+    examples = [data[i] for i in range(n)]
+    prompt = encode_prompts(processor, examples)
+    problems = [ex["problem"] for ex in examples]
+    per_filler = len(processor.tokenizer(FILLER)["input_ids"])
+    reps = 0
+    while prompt["input_ids"].shape[1] + completion_tokens < min_total:
+        reps += max(1, math.ceil((min_total - completion_tokens - prompt["input_ids"].shape[1]) / per_filler))
+        for ex, problem in zip(examples, problems):
+            ex["problem"] = "Notes: " + FILLER * reps + "\n" + problem
+        prompt = encode_prompts(processor, examples)
+    tok = processor.tokenizer
+    excluded = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
+    ordinary = torch.tensor([i for i in range(len(tok)) if i not in excluded])
+    g = torch.Generator().manual_seed(seed)
+    ids = ordinary[torch.randint(len(ordinary), (n, completion_tokens), generator=g)]
+    lengths = torch.randint((completion_tokens + 1) // 2, completion_tokens + 1, (n,), generator=g)
+    lengths[0] = completion_tokens
+    mask = (torch.arange(completion_tokens) < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, tok.pad_token_id)
+    return prompt, ids, mask
+
+
+def image_token_id(model):
+    return model.config.image_token_id
+
+
+def logprob_pass(model, batch, masses):
+    """One teacher-forced log-prob pass; with masses, inside BucketMasses. Returns (logp, masses or None)."""
+    prompt, ids, mask = batch
+    with torch.no_grad():
+        if not masses:
+            return completion_logprobs(model, prompt, ids, mask)[0], None
+        with BucketMasses(model, prompt, mask, image_token_id(model)) as collector:
+            logp = completion_logprobs(model, prompt, ids, mask)[0]
+        return logp, collector.values
+
+
+def eager_pass(model, batch):
+    """The eager path: full attention maps from output_attentions, bucket masses recomputed from them."""
+    prompt, ids, mask = batch
+    inputs = full_inputs(prompt, ids, mask)
+    P, L = prompt["input_ids"].shape[1], ids.shape[1]
+    with torch.no_grad():
+        out = model(**inputs, use_cache=False, logits_to_keep=L + 1, output_attentions=True)
+        logp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        buckets = key_buckets(inputs["input_ids"], inputs["attention_mask"], P, image_token_id(model))
+        masses = torch.stack([  # the same reduction as tests/test_attention.py reference_masses
+            torch.einsum("blt,btk->blk", layer[:, :, P - 1 : P - 1 + L].float().mean(1), buckets)
+            * mask.float().unsqueeze(-1)
+            for layer in out.attentions])
+    return logp, masses
+
+
+# ── (b) memory, one path per subprocess ────────────────────────────────────────────────────────────────────
+def proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def child(args):
+    """Hidden entry point: measure one path's peak-RSS increase over one forward; results to --child-out."""
+    model, processor, _ = load(args.model, "eager" if args.child == "eager" else "sdpa")
+    batch = make_batch(processor, args.memory_batch, args.memory_completion_tokens, min_total=args.memory_seq_len)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap (loading, tokenising) back to the OS
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak RSS := current RSS, so loading's transient peak does not hide the forward's
+        reset = True
+    except OSError:
+        reset = False
+    rss_before, max_before = proc_status_kb("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if args.child == "eager":
+        logp, masses = eager_pass(model, batch)
+    else:
+        logp, masses = logprob_pass(model, batch, masses=args.child == "ours")
+    seconds = time.perf_counter() - start
+    max_after, hwm_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, proc_status_kb("VmHWM")
+    torch.save({"logp": logp, "masses": masses}, args.child_out + ".pt")
+    with open(args.child_out, "w") as f:
+        json.dump({"maxrss_increase_kb": max_after - max_before, "rss_before_kb": rss_before,
+                   "maxrss_before_kb": max_before, "hwm_increase_kb": hwm_after - rss_before if reset else None,
+                   "hwm_reset": reset, "seconds": seconds, "shape": list(batch[0]["input_ids"].shape),
+                   "completion_tokens": batch[1].shape[1]}, f)
+
+
+def run_child(args, path, workdir):
+    out = os.path.join(workdir, path)
+    cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--threads", str(args.threads),
+           "--memory-batch", str(args.memory_batch), "--memory-seq-len", str(args.memory_seq_len),
+           "--memory-completion-tokens", str(args.memory_completion_tokens), "--child", path, "--child-out", out]
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"memory subprocess for the {path} path failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    with open(out) as f:
+        result = json.load(f)
+    result.update(torch.load(out + ".pt"))
+    print(f"  {path:<6} path measured in {time.time() - start:.0f}s (forward {result['seconds']:.1f}s)", flush=True)
+    return result
+
+
+def measure_memory(args):
+    with tempfile.TemporaryDirectory() as workdir:
+        return {path: run_child(args, path, workdir) for path in ("plain", "ours", "eager")}
+
+
+# ── (a) time ───────────────────────────────────────────────────────────────────────────────────────────────
+def measure_time(args, model, processor):
+    batch = make_batch(processor, args.batch, args.completion_tokens)
+    off_logp, _ = logprob_pass(model, batch, masses=False)  # warm-ups
+    on_logp, values = logprob_pass(model, batch, masses=True)
+    assert torch.allclose(off_logp, on_logp, atol=1e-5), "BucketMasses changed the log-probs"
+    times = {False: [], True: []}
+    for r in range(args.repeats):
+        for on in ((False, True) if r % 2 == 0 else (True, False)):  # interleaved: drifts hit both alike
+            start = time.perf_counter()
+            logprob_pass(model, batch, masses=on)
+            times[on].append(time.perf_counter() - start)
+    return {"off": statistics.median(times[False]), "on": statistics.median(times[True]),
+            "shape": list(batch[0]["input_ids"].shape), "masses_shape": list(values.shape)}
+
+
+def mib(kb):
+    return kb / 1024
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", choices=["tiny", "3b"])
+    p.add_argument("--batch", type=int, help="rows of the timed log-prob pass (default 64 tiny, 1 3b)")
+    p.add_argument("--completion-tokens", type=int, help="completion width of the timed pass (default 10 tiny, 32 3b)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per mode, after one warm-up each")
+    p.add_argument("--step-seconds", type=float,
+                   help="a full training step, for the extra as %% of a step (default 1.74 for tiny: the measured "
+                        "mean DAPO step on the 2-core CPU, README.md)")
+    p.add_argument("--memory-seq-len", type=int, default=1024, help="total tokens (prompt + completion) at least")
+    p.add_argument("--memory-completion-tokens", type=int, default=64)
+    p.add_argument("--memory-batch", type=int, help="rows of the memory forward (default: --batch)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-time", action="store_true")
+    p.add_argument("--child", choices=["plain", "ours", "eager"], help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    d = DEFAULTS[args.model]
+    args.batch = args.batch or d["batch"]
+    args.completion_tokens = args.completion_tokens or d["completion_tokens"]
+    args.step_seconds = args.step_seconds if args.step_seconds is not None else d["step_seconds"]
+    args.memory_batch = args.memory_batch or args.batch
+    if min(args.batch, args.completion_tokens, args.repeats, args.memory_batch, args.memory_completion_tokens) < 1:
+        p.error("--batch, --completion-tokens, --repeats, --memory-batch, --memory-completion-tokens must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
+
+    memory = None
+    if not args.skip_memory:  # first, while this process is small: a child's ru_maxrss starts at its parent's peak
+        print(f"(b) memory: 3 subprocesses, one after the other, batch {args.memory_batch}, "
+              f">= {args.memory_seq_len} tokens", flush=True)
+        memory = measure_memory(args)
+    model, processor, desc = load(args.model)
+    n_params = sum(q.numel() for q in model.parameters()) / 1e6
+    dtype = next(model.parameters()).dtype
+    timing = None if args.skip_time else measure_time(args, model, processor)
+    del model
+    gc.collect()
+
+    print(f"\nmodel {args.model}: {desc} | {n_params:,.1f}M parameters, {dtype} | threads {torch.get_num_threads()} "
+          f"| cpu")
+    rows = []  # (label, value, verdict) for the summary
+    if timing:
+        B, P = timing["shape"]
+        extra = timing["on"] - timing["off"]
+        print(f"\n(a) teacher-forced log-prob pass, batch {B} x ({P} prompt + {args.completion_tokens} completion) "
+              f"tokens, median of {args.repeats} after 1 warm-up each")
+        print(f"    masses off  {timing['off']:9.4f} s")
+        print(f"    masses on   {timing['on']:9.4f} s   (masses {tuple(timing['masses_shape'])})")
+        print(f"    extra       {extra:9.4f} s = {100 * extra / timing['off']:.1f}% of the log-prob pass")
+        rows.append(("log-prob pass off / on", f"{timing['off']:.4f} s / {timing['on']:.4f} s", ""))
+        rows.append(("extra time", f"{extra:+.4f} s = {100 * extra / timing['off']:.1f}% of the log-prob pass", ""))
+        if args.step_seconds:
+            share = 100 * extra / args.step_seconds
+            print(f"    extra       {share:.2f}% of a {args.step_seconds} s training step")
+            verdict = "" if args.model != "tiny" else (
+                f"target <= {TIME_TARGET:g}% of a step: {'MET' if share <= TIME_TARGET else 'NOT MET'}")
+            rows.append(("extra time / training step", f"{share:.2f}% of {args.step_seconds} s", verdict))
+        else:
+            rows.append(("extra time / training step", "n/a (no --step-seconds)", "(time target is for tiny)"))
+    if memory:
+        ours, eager, plain = memory["ours"], memory["eager"], memory["plain"]
+        B, P = ours["shape"]
+        T = P + ours["completion_tokens"]
+        if ours["masses"].shape != eager["masses"].shape:
+            raise AssertionError(f"masses shapes differ: {ours['masses'].shape} vs {eager['masses'].shape}")
+        diff = (ours["masses"] - eager["masses"]).abs().max().item()
+        lp_diff = (ours["logp"] - eager["logp"]).abs().max().item()
+        fp32 = dtype == torch.float32
+        print(f"\n(b) peak RSS increase of one forward, batch {B} x {T} tokens ({P} prompt + "
+              f"{ours['completion_tokens']} completion), each path in its own subprocess")
+        print(f"    {'path':<46}{'ru_maxrss':>12}{'VmHWM':>12}{'forward':>10}")
+        for label, r in (("ours: sdpa + BucketMasses", ours), ("eager output_attentions=True + masses", eager),
+                         ("reference: plain sdpa log-prob pass", plain)):
+            hwm = f"{mib(r['hwm_increase_kb']):9.1f} MiB" if r["hwm_increase_kb"] is not None else "n/a"
+            print(f"    {label:<46}{mib(r['maxrss_increase_kb']):9.1f} MiB{hwm:>12}{r['seconds']:9.1f}s")
+        share = 100 * ours["maxrss_increase_kb"] / eager["maxrss_increase_kb"]
+        over_ours = ours["maxrss_increase_kb"] - plain["maxrss_increase_kb"]
+        over_eager = eager["maxrss_increase_kb"] - plain["maxrss_increase_kb"]
+        print(f"    ours = {share:.2f}% of eager")
+        print(f"    above the plain sdpa pass: ours {mib(over_ours):+.1f} MiB, eager {mib(over_eager):+.1f} MiB"
+              + (f" -> {100 * over_ours / over_eager:.2f}%" if over_eager > 0 else ""))
+        print(f"    bucket masses, ours vs from eager maps: max |diff| {diff:.2e} (log-probs {lp_diff:.2e})")
+        if fp32:  # fp32: the two kernels agree to rounding; bf16: eager rounds q.k and the maps to bf16
+            assert diff < 1e-4, f"bucket masses disagree with the eager attention maps: max |diff| {diff}"
+            print("    agreement asserted (fp32, atol 1e-4)")
+        else:
+            print("    (bf16: eager rounds q.k and its maps to bf16, ours scores in fp32; not asserted)")
+        verdict = f"target <= {MEMORY_TARGET:g}%: {'MET' if share <= MEMORY_TARGET else 'NOT MET'}"
+        rows.append((f"peak memory, ours (seq {T})", f"+{mib(ours['maxrss_increase_kb']):.1f} MiB", ""))
+        rows.append((f"peak memory, eager (seq {T})", f"+{mib(eager['maxrss_increase_kb']):.1f} MiB", ""))
+        rows.append(("ours / eager", f"{share:.2f}%", verdict))
+        rows.append(("masses agree (ours vs eager maps)", f"max |diff| {diff:.1e}",
+                     "asserted" if fp32 else "bf16, not asserted"))
+    print(f"\n==== summary: model {args.model} ({n_params:,.0f}M params, {str(dtype).replace('torch.', '')}) ====")
+    for label, value, verdict in rows:
+        print(f"  {label:<36}{value:<44}{verdict}")
+
+
+if __name__ == "__main__":
+    main()
