@@ -10,8 +10,14 @@
     and, as a reference, for the plain sdpa pass. Each path runs alone in a fresh subprocess (this script with
     a hidden flag), one after the other: it loads the model, builds the inputs, returns freed memory to the OS
     (malloc_trim), resets the kernel's peak-RSS mark (/proc/self/clear_refs), then records
-    resource.getrusage().ru_maxrss before and after the forward. The masses of the two paths are checked
-    against each other (asserted in fp32; reported in bf16, where the two kernels round differently).
+    resource.getrusage().ru_maxrss before and after the forward. By default the subprocesses run glibc malloc
+    with a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_=131072): every large tensor is mmapped and unmapped
+    when freed, so peak RSS follows the live tensors. With glibc's adaptive threshold (--malloc default) freed
+    temporaries raise the threshold and later tensors come from a heap that keeps freed memory: on the 3b
+    model that adds ~100 MiB of retained heap to our path that no tensor holds.
+    The masses of the two paths are checked against each other: asserted to 1e-4 in fp32; in bf16 (3b), where
+    eager rounds q.k and its maps to bf16 and the random-init model amplifies rounding layer by layer, layer 0
+    is asserted to 5e-2 and the largest difference over all layers is reported.
 
 Models: "tiny" is the embedded tiny VLM (ensure_tiny_vlm(<repo>/.cache), fp32) when <repo>/.cache exists,
 else a random-init model of RECIPE's sizes; "3b" is a random-init Qwen2.5-VL with Qwen2.5-VL-3B's text stack
@@ -22,6 +28,7 @@ else a random-init model of RECIPE's sizes; "3b" is a random-init Qwen2.5-VL wit
   python benchmarks/attention_overhead.py --model 3b --repeats 2        # batch 1, 32 tokens (~10 GB RAM peak)
   python benchmarks/attention_overhead.py --model tiny --memory-seq-len 2048 --memory-batch 8
   python benchmarks/attention_overhead.py --model tiny --skip-memory --repeats 9
+  python benchmarks/attention_overhead.py --model tiny --skip-time --malloc default
 """
 
 import argparse
@@ -86,6 +93,12 @@ def load(name, attn="sdpa"):
     return model.eval(), processor, desc
 
 
+def fingerprint(model):
+    """A number that changes with the weights: catches a model folder rebuilt by another process mid-run."""
+    with torch.no_grad():
+        return sum(float(q.float().abs().sum()) for q in model.parameters())
+
+
 def make_batch(processor, n, completion_tokens, min_total=0, seed=0):
     """(prompt_inputs, completion_ids, completion_mask) for n synthetic image prompts and random completions.
 
@@ -120,15 +133,34 @@ def image_token_id(model):
     return model.config.image_token_id
 
 
+class TimedBucketMasses(BucketMasses):
+    """BucketMasses that also adds up the seconds spent in its own work (setup, record() per layer, values)."""
+
+    seconds = 0.0
+
+    def __init__(self, *args):
+        start = time.perf_counter()
+        super().__init__(*args)
+        TimedBucketMasses.seconds += time.perf_counter() - start
+
+    def record(self, *args):
+        start = time.perf_counter()
+        super().record(*args)
+        TimedBucketMasses.seconds += time.perf_counter() - start
+
+
 def logprob_pass(model, batch, masses):
     """One teacher-forced log-prob pass; with masses, inside BucketMasses. Returns (logp, masses or None)."""
     prompt, ids, mask = batch
     with torch.no_grad():
         if not masses:
             return completion_logprobs(model, prompt, ids, mask)[0], None
-        with BucketMasses(model, prompt, mask, image_token_id(model)) as collector:
+        with TimedBucketMasses(model, prompt, mask, image_token_id(model)) as collector:
             logp = completion_logprobs(model, prompt, ids, mask)[0]
-        return logp, collector.values
+        start = time.perf_counter()
+        values = collector.values
+        TimedBucketMasses.seconds += time.perf_counter() - start
+        return logp, values
 
 
 def eager_pass(model, batch):
@@ -160,6 +192,7 @@ def child(args):
     """Hidden entry point: measure one path's peak-RSS increase over one forward; results to --child-out."""
     model, processor, _ = load(args.model, "eager" if args.child == "eager" else "sdpa")
     batch = make_batch(processor, args.memory_batch, args.memory_completion_tokens, min_total=args.memory_seq_len)
+    weights = fingerprint(model)
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap (loading, tokenising) back to the OS
@@ -183,7 +216,7 @@ def child(args):
     with open(args.child_out, "w") as f:
         json.dump({"maxrss_increase_kb": max_after - max_before, "rss_before_kb": rss_before,
                    "maxrss_before_kb": max_before, "hwm_increase_kb": hwm_after - rss_before if reset else None,
-                   "hwm_reset": reset, "seconds": seconds, "shape": list(batch[0]["input_ids"].shape),
+                   "hwm_reset": reset, "seconds": seconds, "weights": weights, "shape": list(batch[0]["input_ids"].shape),
                    "completion_tokens": batch[1].shape[1]}, f)
 
 
@@ -192,8 +225,11 @@ def run_child(args, path, workdir):
     cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--threads", str(args.threads),
            "--memory-batch", str(args.memory_batch), "--memory-seq-len", str(args.memory_seq_len),
            "--memory-completion-tokens", str(args.memory_completion_tokens), "--child", path, "--child-out", out]
+    env = dict(os.environ)
+    if args.malloc == "mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # fixed: large blocks always mmapped, unmapped on free
     start = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"memory subprocess for the {path} path failed ({done.returncode}):\n{done.stderr[-4000:]}")
     with open(out) as f:
@@ -215,12 +251,17 @@ def measure_time(args, model, processor):
     on_logp, values = logprob_pass(model, batch, masses=True)
     assert torch.allclose(off_logp, on_logp, atol=1e-5), "BucketMasses changed the log-probs"
     times = {False: [], True: []}
+    inside = []  # seconds spent in BucketMasses' own code during each timed pass with masses on
     for r in range(args.repeats):
         for on in ((False, True) if r % 2 == 0 else (True, False)):  # interleaved: drifts hit both alike
+            TimedBucketMasses.seconds = 0.0
             start = time.perf_counter()
             logprob_pass(model, batch, masses=on)
             times[on].append(time.perf_counter() - start)
+            if on:
+                inside.append(TimedBucketMasses.seconds)
     return {"off": statistics.median(times[False]), "on": statistics.median(times[True]),
+            "inside": statistics.median(inside), "spread": (min(times[False]), max(times[False])),
             "shape": list(batch[0]["input_ids"].shape), "masses_shape": list(values.shape)}
 
 
@@ -241,6 +282,9 @@ def main():
     p.add_argument("--memory-completion-tokens", type=int, default=64)
     p.add_argument("--memory-batch", type=int, help="rows of the memory forward (default: --batch)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--malloc", choices=["mmap", "default"], default="mmap",
+                   help="glibc malloc in the memory subprocesses: fixed mmap threshold (peak RSS = live tensors) "
+                        "or glibc's adaptive default")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
     p.add_argument("--child", choices=["plain", "ours", "eager"], help=argparse.SUPPRESS)
@@ -266,6 +310,7 @@ def main():
     model, processor, desc = load(args.model)
     n_params = sum(q.numel() for q in model.parameters()) / 1e6
     dtype = next(model.parameters()).dtype
+    weights = fingerprint(model)
     timing = None if args.skip_time else measure_time(args, model, processor)
     del model
     gc.collect()
@@ -278,30 +323,43 @@ def main():
         extra = timing["on"] - timing["off"]
         print(f"\n(a) teacher-forced log-prob pass, batch {B} x ({P} prompt + {args.completion_tokens} completion) "
               f"tokens, median of {args.repeats} after 1 warm-up each")
-        print(f"    masses off  {timing['off']:9.4f} s")
+        inside, (low, high) = timing["inside"], timing["spread"]
+        print(f"    masses off  {timing['off']:9.4f} s   (min {low:.4f}, max {high:.4f})")
         print(f"    masses on   {timing['on']:9.4f} s   (masses {tuple(timing['masses_shape'])})")
-        print(f"    extra       {extra:9.4f} s = {100 * extra / timing['off']:.1f}% of the log-prob pass")
-        rows.append(("log-prob pass off / on", f"{timing['off']:.4f} s / {timing['on']:.4f} s", ""))
-        rows.append(("extra time", f"{extra:+.4f} s = {100 * extra / timing['off']:.1f}% of the log-prob pass", ""))
+        print(f"    extra       {extra:+9.4f} s = {100 * extra / timing['off']:+.1f}% of the log-prob pass   "
+              "(on - off)")
+        print(f"    inside      {inside:9.4f} s = {100 * inside / timing['off']:.1f}% of the log-prob pass   "
+              "(seconds in BucketMasses' own code: setup, record() per layer, values)")
+        rows.append(("log-prob pass, masses off / on", f"{timing['off']:.4f} s / {timing['on']:.4f} s", ""))
+        rows.append(("extra time (on - off)", f"{extra:+.4f} s = {100 * extra / timing['off']:+.1f}% of the pass",
+                     f"(inside BucketMasses: {inside:.4f} s = {100 * inside / timing['off']:.1f}%)"))
         if args.step_seconds:
-            share = 100 * extra / args.step_seconds
-            print(f"    extra       {share:.2f}% of a {args.step_seconds} s training step")
+            share, share_inside = 100 * extra / args.step_seconds, 100 * inside / args.step_seconds
+            print(f"    extra       {share:+.2f}% (on - off) / {share_inside:.2f}% (inside) of a {args.step_seconds} s "
+                  "training step")
+            met = max(share, share_inside) <= TIME_TARGET
             verdict = "" if args.model != "tiny" else (
-                f"target <= {TIME_TARGET:g}% of a step: {'MET' if share <= TIME_TARGET else 'NOT MET'}")
-            rows.append(("extra time / training step", f"{share:.2f}% of {args.step_seconds} s", verdict))
+                f"target <= {TIME_TARGET:g}% of a step: {'MET' if met else 'NOT MET'}")
+            value = f"{share:+.2f}% (inside {share_inside:.2f}%) of {args.step_seconds} s"
+            rows.append(("extra time / training step", value, verdict))
         else:
-            rows.append(("extra time / training step", "n/a (no --step-seconds)", "(time target is for tiny)"))
+            rows.append(("extra time / training step", "n/a (no --step-seconds)", "(the time target is for tiny)"))
     if memory:
         ours, eager, plain = memory["ours"], memory["eager"], memory["plain"]
+        if any(not math.isclose(r["weights"], weights, rel_tol=1e-6) for r in memory.values()):
+            raise SystemExit("the model's weights differ between the subprocesses and this process (was "
+                             f"{desc} rebuilt by another process during the run?); run again")
         B, P = ours["shape"]
         T = P + ours["completion_tokens"]
         if ours["masses"].shape != eager["masses"].shape:
             raise AssertionError(f"masses shapes differ: {ours['masses'].shape} vs {eager['masses'].shape}")
-        diff = (ours["masses"] - eager["masses"]).abs().max().item()
+        per_layer = (ours["masses"] - eager["masses"]).abs().flatten(1).max(1).values
+        diff, diff0 = per_layer.max().item(), per_layer[0].item()
         lp_diff = (ours["logp"] - eager["logp"]).abs().max().item()
         fp32 = dtype == torch.float32
+        allocator = ("fixed mmap threshold" if args.malloc == "mmap" else "glibc's adaptive mmap threshold")
         print(f"\n(b) peak RSS increase of one forward, batch {B} x {T} tokens ({P} prompt + "
-              f"{ours['completion_tokens']} completion), each path in its own subprocess")
+              f"{ours['completion_tokens']} completion), each path in its own subprocess, malloc: {allocator}")
         print(f"    {'path':<46}{'ru_maxrss':>12}{'VmHWM':>12}{'forward':>10}")
         for label, r in (("ours: sdpa + BucketMasses", ours), ("eager output_attentions=True + masses", eager),
                          ("reference: plain sdpa log-prob pass", plain)):
@@ -313,18 +371,26 @@ def main():
         print(f"    ours = {share:.2f}% of eager")
         print(f"    above the plain sdpa pass: ours {mib(over_ours):+.1f} MiB, eager {mib(over_eager):+.1f} MiB"
               + (f" -> {100 * over_ours / over_eager:.2f}%" if over_eager > 0 else ""))
-        print(f"    bucket masses, ours vs from eager maps: max |diff| {diff:.2e} (log-probs {lp_diff:.2e})")
-        if fp32:  # fp32: the two kernels agree to rounding; bf16: eager rounds q.k and the maps to bf16
+        print(f"    bucket masses, ours vs from eager maps: max |diff| {diff:.2e} over all layers, {diff0:.2e} in "
+              f"layer 0 (log-probs {lp_diff:.2e})")
+        if fp32:  # fp32: the two kernels agree to rounding
             assert diff < 1e-4, f"bucket masses disagree with the eager attention maps: max |diff| {diff}"
-            print("    agreement asserted (fp32, atol 1e-4)")
-        else:
-            print("    (bf16: eager rounds q.k and its maps to bf16, ours scores in fp32; not asserted)")
+            checked = "asserted (fp32, all layers, atol 1e-4)"
+        else:  # bf16: eager rounds q.k and its maps to bf16; the random-init stack amplifies it layer by layer
+            assert diff0 < 5e-2, f"layer-0 bucket masses disagree with the eager attention maps: {diff0}"
+            checked = "asserted in layer 0 (bf16, atol 5e-2)"
+        print(f"    agreement {checked}")
         verdict = f"target <= {MEMORY_TARGET:g}%: {'MET' if share <= MEMORY_TARGET else 'NOT MET'}"
         rows.append((f"peak memory, ours (seq {T})", f"+{mib(ours['maxrss_increase_kb']):.1f} MiB", ""))
         rows.append((f"peak memory, eager (seq {T})", f"+{mib(eager['maxrss_increase_kb']):.1f} MiB", ""))
-        rows.append(("ours / eager", f"{share:.2f}%", verdict))
-        rows.append(("masses agree (ours vs eager maps)", f"max |diff| {diff:.1e}",
-                     "asserted" if fp32 else "bf16, not asserted"))
+        rows.append(("ours / eager (whole forward)", f"{share:.2f}%", verdict + (
+            f" (the forward itself: +{mib(plain['maxrss_increase_kb']):.0f} MiB)" if share > MEMORY_TARGET else "")))
+        if over_eager > 0:
+            attention_share = 100 * over_ours / over_eager
+            value = f"{mib(over_ours):+.1f} / {mib(over_eager):+.1f} MiB = {attention_share:.2f}%"
+            rows.append(("ours / eager, above the plain pass", value,
+                         f"target <= {MEMORY_TARGET:g}%: {'MET' if attention_share <= MEMORY_TARGET else 'NOT MET'}"))
+        rows.append(("masses agree (ours vs eager maps)", f"max |diff| {diff:.1e} (layer 0 {diff0:.1e})", checked))
     print(f"\n==== summary: model {args.model} ({n_params:,.0f}M params, {str(dtype).replace('torch.', '')}) ====")
     for label, value, verdict in rows:
         print(f"  {label:<36}{value:<44}{verdict}")
