@@ -81,7 +81,6 @@ def test_processor_round_trip(tiny_vlm_path, tmp_path):
 
 def _update_delta(model_path, batch, micro_batch_size, advantages, aggregation="token"):
     """Parameter change of one policy_update with plain SGD (lr 1): minus the gradient, exactly."""
-    from utils.rl import group_advantages  # noqa: F401  (advantages are given)
     from utils.update import policy_update
 
     model = load_model(model_path, "cpu", torch.float32)
