@@ -39,9 +39,9 @@ from utils.model import (
     suppressed_token_ids,
     sync_rollout_model,
 )
-from utils.rewards import score_completions
-from utils.rl import group_advantages, informative_groups, overlong_loss_mask
-from utils.rollout import collect_groups, generate, select_rows
+from utils.rewards import reward_weights_at, score_completions
+from utils.rl import group_advantages, is_informative, overlong_loss_mask
+from utils.rollout import ReplayBuffer, collect_groups, concat_rollouts, generate, select_rows
 from utils.plot_metrics import plot_run
 from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
@@ -84,16 +84,24 @@ W_FORMAT = 1.0  # weight of the format reward (<think>…</think> then the answe
 NEGATIVE_ACCURACY_REWARD = False  # bool; accuracy is +1/-1 instead of 1/0 (DAPO paper's rule-based reward)
 SOFT_OVERLONG_PUNISHMENT = False  # bool; DAPO Eq. 13 length penalty in the last OVERLONG_BUFFER tokens
 OVERLONG_BUFFER = 8  # L_cache in tokens
+REWARD_SWITCH_STEP = 0  # two-stage rewards: steps 1..N use REWARD_WEIGHTS_EARLY, later steps the W_* above; 0 = off
+REWARD_WEIGHTS_EARLY = {"accuracy": 1.0, "format": 2.0}  # first-stage weights by reward ("accuracy", "format", "mdi")
 
 # ── Algorithm ─────────────────────────────────────────────────────────────────────────────────────
 LOSS_AGGREGATION = "sample"  # "token" (DAPO: mean over all tokens) | "sample" (GRPO: mean of sequence means)
 CLIP_EPS_LOW = 0.2  # ratio lower clip: 1 - CLIP_EPS_LOW
 CLIP_EPS_HIGH = 0.2  # ratio upper clip: 1 + CLIP_EPS_HIGH (DAPO's Clip-Higher)
+DUAL_CLIP_C = 0.0  # dual clip: a token with A < 0 loses at most -c·A, whatever its ratio (c > 1, e.g. 3.0); 0 = off
 KL_BETA = 0.04  # β of the k3 KL penalty to the reference model; 0 = no reference model is loaded
 ENTROPY_COEF = 0.0  # entropy bonus coefficient (0 = off)
 SCALE_ADVANTAGE_BY_STD = True  # bool; False = Dr.GRPO advantages (R - mean, no division by std)
-DYNAMIC_SAMPLING = False  # bool; drop all-right / all-wrong groups and refill with new prompts
-MAX_GEN_BATCHES = 4  # generation rounds per step at most when refilling; then train on what is there
+DYNAMIC_SAMPLING = False  # bool; train only on informative groups (not all right / all wrong)
+DYNAMIC_SAMPLING_MODE = "refill"  # "refill": drop flat groups, sample new prompts | "topup": add completions to them
+MAX_GEN_BATCHES = 4  # refill: generation rounds per step at most; then train on what is there
+MAX_DYNAMIC_SAMPLES = 16  # topup: a flat group grows one completion at a time up to this size, then is dropped
+REPLAY_BUFFER_SIZE = 0  # groups stored to stand in for later flat (or missing) groups; 0 = off
+REPLAY_MIN_REWARD_STD = 0.5  # replay: store only groups whose total rewards have at least this std ...
+REPLAY_MAX_SUCCESS_RATE = 0.75  # ... and at most this fraction of correct completions (hard prompts)
 OVERLONG_FILTERING = False  # bool; truncated completions get loss weight 0
 
 # ── Attention diagnostics (SPEC §6) ───────────────────────────────────────────────────────────────
@@ -170,16 +178,21 @@ def main(argv=None):
     )
     prompts = PromptSampler(train_data, cfg["SEED"])
     G = cfg["GROUP_SIZE"]
+    sampling_mode = cfg["DYNAMIC_SAMPLING_MODE"] if cfg["DYNAMIC_SAMPLING"] else "all"
+    replay = None
+    if cfg["REPLAY_BUFFER_SIZE"]:
+        replay = ReplayBuffer(cfg["REPLAY_BUFFER_SIZE"], cfg["REPLAY_MIN_REWARD_STD"], cfg["REPLAY_MAX_SUCCESS_RATE"])
+    regular_weights = {"accuracy": cfg["W_ACCURACY"], "format": cfg["W_FORMAT"], "mdi": cfg["W_MDI"]}
 
-    def sample_and_score(examples):
-        """G completions for each example, with every reward component."""
-        rollout = generate(rollout_model, processor, examples, G, cfg["MAX_NEW_TOKENS"], cfg["TEMPERATURE"],
+    def sample_and_score(examples, n, weights):
+        """n completions for each example, with every reward component."""
+        rollout = generate(rollout_model, processor, examples, n, cfg["MAX_NEW_TOKENS"], cfg["TEMPERATURE"],
                            cfg["TOP_P"], suppress_ids=suppress, batch_size=cfg["GENERATION_BATCH_SIZE"],
                            desc="generate")
         rewards = score_completions(
             rollout.texts, [ex["solution"] for ex in rollout.examples], rollout.completion_mask.sum(1).tolist(),
-            {"accuracy": cfg["W_ACCURACY"], "format": cfg["W_FORMAT"]}, cfg["MAX_NEW_TOKENS"],
-            cfg["OVERLONG_BUFFER"], cfg["SOFT_OVERLONG_PUNISHMENT"], cfg["NEGATIVE_ACCURACY_REWARD"],
+            weights, cfg["MAX_NEW_TOKENS"], cfg["OVERLONG_BUFFER"], cfg["SOFT_OVERLONG_PUNISHMENT"],
+            cfg["NEGATIVE_ACCURACY_REWARD"],
         )
         rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
         return rollout
@@ -198,24 +211,35 @@ def main(argv=None):
         lr = learning_rate_at(step, cfg["TOTAL_STEPS"], cfg["LEARNING_RATE"], cfg["LR_SCHEDULE"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # ── 1. Sample and score. Dynamic sampling keeps only informative groups (0 < #correct < G) and
-        #       draws new prompts until TRAIN_BATCH_PROMPTS groups are kept or MAX_GEN_BATCHES rounds ran. ──
-        everything, kept_rows = collect_groups(
-            sample_and_score, prompts.next, cfg["TRAIN_BATCH_PROMPTS"], G, pad_id,
-            max_rounds=cfg["MAX_GEN_BATCHES"] if cfg["DYNAMIC_SAMPLING"] else 1, drop_flat=cfg["DYNAMIC_SAMPLING"],
+        # ── 1. Sample and score. Dynamic sampling keeps only informative groups (0 < #correct < G): "refill"
+        #       draws new prompts until TRAIN_BATCH_PROMPTS groups are kept or MAX_GEN_BATCHES rounds ran,
+        #       "topup" adds completions to each flat group until it is informative or MAX_DYNAMIC_SAMPLES. ──
+        reward_weights = reward_weights_at(step, cfg["REWARD_SWITCH_STEP"], cfg["REWARD_WEIGHTS_EARLY"],
+                                           regular_weights)
+        everything, groups, kept, rounds = collect_groups(
+            lambda examples, n: sample_and_score(examples, n, reward_weights), prompts.next,
+            cfg["TRAIN_BATCH_PROMPTS"], G, pad_id, sampling_mode, cfg["MAX_GEN_BATCHES"], cfg["MAX_DYNAMIC_SAMPLES"],
         )
+        train_groups = [select_rows(everything, groups[g]) for g in kept]  # one scored Rollout per group
+        n_replayed = 0
+        if replay is not None:  # stored informative groups stand in for flat (or missing) ones
+            train_groups, n_replayed = replay.swap_flat_groups(train_groups, cfg["TRAIN_BATCH_PROMPTS"])
+        group_sizes = [len(g) for g in train_groups]
         generate_s, logprob_s, update_s = time.time() - t0, 0.0, 0.0
-        n_groups, n_kept = len(everything) // G, len(kept_rows) // G
-        flat = ~informative_groups(everything.rewards["accuracy"], G)  # [n_groups]
-        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything),
-                   "dapo/gen_batches": n_groups // cfg["TRAIN_BATCH_PROMPTS"], "dapo/train_groups": n_kept,
-                   "dapo/kept_group_frac": n_kept / n_groups, "dapo/flat_group_frac": flat.float().mean().item()}
+        n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
+        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), "dapo/gen_batches": rounds,
+                   "dapo/train_groups": len(train_groups), "dapo/kept_group_frac": len(kept) / len(groups),
+                   "dapo/flat_group_frac": n_flat / len(groups)}
+        if sampling_mode == "topup":
+            metrics["dapo/topup_samples"] = len(everything) - G * len(groups)
+        if replay is not None:
+            metrics.update({"dapo/replayed_groups": n_replayed, "dapo/replay_buffer_size": len(replay)})
         # What the logs show if there is no update:
         batch, advantages, attention, vgr, weights = everything, torch.zeros(len(everything)), None, None, None
-        if not kept_rows:
-            run.warn(f"step {step}: no informative group in {n_groups} sampled; no update this step")
+        if not train_groups:
+            run.warn(f"step {step}: no informative group in {len(groups)} sampled; no update this step")
         else:
-            batch = select_rows(everything, kept_rows)
+            batch = concat_rollouts(train_groups, pad_id)
 
             # ── 2. Log-probs of the rollout policy (π_old) and of the reference; attention masses on the way ──
             t_lp = time.time()
@@ -232,11 +256,11 @@ def main(argv=None):
             logprob_s = time.time() - t_lp
 
             # ── 3. Advantages: group-normalised rewards (+ the MDI reward), optionally weighted per token ──
-            if cfg["W_MDI"]:
-                batch.rewards["mdi"] = mdi_reward(attention["all"]["mdi"], G)
-                batch.rewards["total"] = batch.rewards["total"] + cfg["W_MDI"] * batch.rewards["mdi"]
+            if reward_weights["mdi"]:
+                batch.rewards["mdi"] = mdi_reward(attention["all"]["mdi"], group_sizes)
+                batch.rewards["total"] = batch.rewards["total"] + reward_weights["mdi"] * batch.rewards["mdi"]
                 metrics["reward/mdi/mean"] = batch.rewards["mdi"].mean().item()
-            advantages = group_advantages(batch.rewards["total"], G, cfg["SCALE_ADVANTAGE_BY_STD"])  # [B]
+            advantages = group_advantages(batch.rewards["total"], group_sizes, cfg["SCALE_ADVANTAGE_BY_STD"])  # [B]
             loss_mask = batch.completion_mask.float()  # [B, L]
             if cfg["OVERLONG_FILTERING"]:
                 loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
@@ -253,9 +277,9 @@ def main(argv=None):
             t_up = time.time()
             stats = policy_update(
                 policy, optimizer, batch, advantages, logp_old, loss_mask, ref_logp=ref_logp,
-                clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], kl_beta=cfg["KL_BETA"],
-                entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"], epochs=cfg["PPO_EPOCHS"],
-                mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
+                clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], dual_clip=cfg["DUAL_CLIP_C"],
+                kl_beta=cfg["KL_BETA"], entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"],
+                epochs=cfg["PPO_EPOCHS"], mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
                 max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], warn=run.warn,
             )
             sync_rollout_model(policy, rollout_model)

@@ -5,20 +5,26 @@ import math
 import pytest
 import torch
 
-from utils.rewards import accuracy_reward, extract_answer, format_reward, score_completions, soft_overlong_punishment
-from utils.rl import aggregate, clipped_surrogate, group_advantages, informative_groups, k3_kl, overlong_loss_mask
-from utils.rollout import Rollout, collect_groups
+from utils.config import check_values
+from utils.rewards import (accuracy_reward, extract_answer, format_reward, reward_weights_at, score_completions,
+                           soft_overlong_punishment)
+from utils.rl import aggregate, clipped_surrogate, group_advantages, is_informative, k3_kl, overlong_loss_mask
+from utils.rollout import ReplayBuffer, Rollout, collect_groups
 from utils.update import learning_rate_at
 
 
 def test_group_advantages_by_hand():
     # Group [3, 1, 1, 3]: mean 2, unbiased std sqrt(4/3) = 1.1547 -> ±1/1.1547 = ±0.8660.
     rewards = torch.tensor([3.0, 1.0, 1.0, 3.0, 2.0, 2.0, 2.0, 2.0])
-    adv = group_advantages(rewards, group_size=4)
+    adv = group_advantages(rewards, group_sizes=[4, 4])
     expected = torch.tensor([0.8660254, -0.8660254, -0.8660254, 0.8660254, 0, 0, 0, 0])
     assert torch.allclose(adv, expected, atol=1e-5)
     # Dr.GRPO: no division by the std.
-    assert torch.allclose(group_advantages(rewards, 4, scale_by_std=False), torch.tensor([1.0, -1, -1, 1, 0, 0, 0, 0]))
+    dr_grpo = group_advantages(rewards, [4, 4], scale_by_std=False)
+    assert torch.allclose(dr_grpo, torch.tensor([1.0, -1, -1, 1, 0, 0, 0, 0]))
+    # Groups of different sizes (top-up sampling): [3, 1, 1, 3, 2] has mean 2, std sqrt(4/4) = 1.
+    uneven = group_advantages(torch.tensor([3.0, 1, 1, 3, 2, 0.0, 4.0]), [5, 2])
+    assert torch.allclose(uneven, torch.tensor([1.0, -1, -1, 1, 0, -0.7071068, 0.7071068]), atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -34,16 +40,38 @@ def test_group_advantages_by_hand():
 def test_clipped_surrogate_both_sides(ratio, advantage, loss, low, high):
     logp_old = torch.tensor([[-1.0]])
     logp = logp_old + math.log(ratio)
-    out, clipped_low, clipped_high = clipped_surrogate(logp, logp_old, torch.tensor([[advantage]]), 0.2, 0.28)
+    out, clipped_low, clipped_high, clipped_dual = clipped_surrogate(logp, logp_old, torch.tensor([[advantage]]),
+                                                                     0.2, 0.28)
     assert out.item() == pytest.approx(loss, abs=1e-6)
-    assert clipped_low.item() == low and clipped_high.item() == high
+    assert clipped_low.item() == low and clipped_high.item() == high and not clipped_dual.item()
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, loss, dual",
+    [
+        (5.0, -1.0, 3.0, True),  # A < 0 and ratio 5 > c = 3: the loss stops at -c·A = 3 (no gradient)
+        (2.0, -1.0, 2.0, False),  # A < 0 but ratio below c: the ordinary clipped loss r·|A|
+        (5.0, -2.0, 6.0, True),  # the bound scales with |A|
+        (5.0, 1.0, -1.28, False),  # A > 0: dual clip does not apply (Clip-Higher does)
+    ],
+)
+def test_dual_clip(ratio, advantage, loss, dual):
+    logp_old = torch.tensor([[-2.0]])
+    logp = (logp_old + math.log(ratio)).requires_grad_(True)
+    out, _, _, clipped_dual = clipped_surrogate(logp, logp_old, torch.tensor([[advantage]]), 0.2, 0.28, dual_clip=3.0)
+    assert out.item() == pytest.approx(loss, abs=1e-5) and clipped_dual.item() == dual
+    out.sum().backward()
+    assert (logp.grad.abs().item() == 0) == (dual or advantage > 0)  # clipped tokens carry no gradient
+    # Off (c = 0), a bad token's loss grows with its ratio.
+    plain, *_ = clipped_surrogate(logp.detach(), logp_old, torch.tensor([[advantage]]), 0.2, 0.28)
+    assert plain.item() == pytest.approx(-ratio * advantage if advantage < 0 else loss, abs=1e-5)
 
 
 def test_clip_higher_differs_from_symmetric_clip():
     logp_old = torch.tensor([[0.0]])
     logp = torch.tensor([[math.log(1.25)]])
-    grpo, _, high_grpo = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), 0.2, 0.2)
-    dapo, _, high_dapo = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), 0.2, 0.28)
+    grpo, _, high_grpo, _ = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), 0.2, 0.2)
+    dapo, _, high_dapo, _ = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), 0.2, 0.28)
     assert grpo.item() == pytest.approx(-1.2) and high_grpo.item()
     assert dapo.item() == pytest.approx(-1.25) and not high_dapo.item()
 
@@ -74,9 +102,10 @@ def test_soft_overlong_punishment(length, expected):
 
 def test_dynamic_sampling_filter():
     accuracy = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1])
-    assert informative_groups(accuracy, 4).tolist() == [True, False, False, True]
+    assert [is_informative(group) for group in accuracy.split(4)] == [True, False, False, True]
     # With the +1/-1 accuracy reward, -1 is wrong.
-    assert informative_groups(torch.tensor([1.0, -1, -1, -1]), 4).tolist() == [True]
+    assert is_informative(torch.tensor([1.0, -1, -1, -1])) and not is_informative(torch.tensor([-1.0, -1]))
+    assert is_informative(torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 0]))  # any size (top-up groups grow)
 
 
 def test_overlong_mask():
@@ -99,13 +128,26 @@ def test_rewards_by_hand():
     assert scores["accuracy"] == [1.0, 0.0] and scores["format"] == [1.0, 0.0]
     assert scores["overlong"] == pytest.approx([-0.6, -1.0])
     assert scores["total"] == pytest.approx([3.4, -1.0])
+    # The DAPO paper's rule-based reward: +1 right, -1 wrong.
+    signed = score_completions([good, "Answer: C"], ["B", "B"], [5, 5], {"accuracy": 1.0, "format": 0.0},
+                               max_length=20, overlong_buffer=5, negative_accuracy=True)
+    assert signed["accuracy"] == [1.0, -1.0] and signed["total"] == [1.0, -1.0]
+
+
+def test_two_stage_reward_weights_switch_at_the_step():
+    regular, early = {"accuracy": 3.0, "format": 1.0, "mdi": 0.0}, {"format": 2.0, "mdi": 0.1}
+    first = {"accuracy": 3.0, "format": 2.0, "mdi": 0.1}  # early entries override, missing ones stay regular
+    assert [reward_weights_at(step, 3, early, regular) for step in (1, 3, 4, 50)] == [first, first, regular, regular]
+    assert reward_weights_at(1, 0, early, regular) == regular  # switch step 0: one stage
+    with pytest.raises(ValueError, match="unknown reward fmt"):
+        check_values({"REWARD_WEIGHTS_EARLY": {"fmt": 1.0}, "REWARD_SWITCH_STEP": 5})
 
 
 def _toy_policy_loss(weight, features, tokens, logp_old, advantages, mask, rows, level, total_tokens, total_seqs):
     """A linear 'policy' over a 5-token vocabulary, so that gradients are cheap and exact."""
     logits = features[rows] @ weight  # [b, L, V]
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
-    per_token, _, _ = clipped_surrogate(logp, logp_old[rows], advantages[rows].unsqueeze(1), 0.2, 0.28)
+    per_token, *_ = clipped_surrogate(logp, logp_old[rows], advantages[rows].unsqueeze(1), 0.2, 0.28)
     return aggregate(per_token, mask[rows], level, total_tokens, total_seqs)
 
 
@@ -153,43 +195,89 @@ def test_learning_rate_schedules():
         learning_rate_at(1, 10, 1e-3, "linear")
 
 
-def _fake_sampler(rounds_of_accuracy, group_size):
-    """sample(examples) returning scripted accuracies, one list per round; records the prompts it saw."""
+def _fake_sampler(rounds_of_accuracy):
+    """sample(examples, n) returning scripted accuracies, one list per call; records the prompts it saw."""
     rounds, seen = iter(rounds_of_accuracy), []
 
-    def sample(examples):
+    def sample(examples, group_size):
         accuracy = torch.tensor(next(rounds), dtype=torch.float)
         n = len(accuracy)
         assert n == len(examples) * group_size
         seen.extend(examples)
-        ones = torch.ones(n, 2, dtype=torch.long)
-        return Rollout({"input_ids": ones, "attention_mask": ones, "mm_token_type_ids": 0 * ones},
-                       torch.arange(n).unsqueeze(1), torch.ones(n, 1, dtype=torch.long), torch.zeros(n, dtype=torch.bool),
-                       [str(i) for i in range(n)], [ex for ex in examples for _ in range(group_size)],
-                       {"accuracy": accuracy, "total": accuracy})
+        return _rollout(accuracy, [ex for ex in examples for _ in range(group_size)])
 
     counter = iter(range(10**6))
     return sample, lambda n: [next(counter) for _ in range(n)], seen
 
 
+def _rollout(accuracy, examples):
+    n = len(accuracy)
+    ones = torch.ones(n, 2, dtype=torch.long)
+    return Rollout({"input_ids": ones, "attention_mask": ones, "mm_token_type_ids": 0 * ones},
+                   torch.arange(n).unsqueeze(1), torch.ones(n, 1, dtype=torch.long), torch.zeros(n, dtype=torch.bool),
+                   [str(i) for i in range(n)], examples, {"accuracy": accuracy, "total": 3 * accuracy})
+
+
 def test_dynamic_sampling_refills_until_the_batch_is_full():
     # 2 prompts per batch, G = 2. Round 1: groups [flat, mixed]; round 2: [mixed, mixed] -> full after 2 rounds.
-    sample, draw, seen = _fake_sampler([[1, 1, 0, 1], [1, 0, 0, 1], [0, 1, 1, 0]], 2)
-    everything, rows = collect_groups(sample, draw, 2, 2, pad_token_id=0, max_rounds=4, drop_flat=True)
-    assert len(everything) == 8 and seen == [0, 1, 2, 3]  # two rounds, fresh prompts each time
-    assert rows == [2, 3, 4, 5]  # round 1 group 1, round 2 group 0; round 2 group 1 is not needed
-    assert [everything.examples[r] for r in rows] == [1, 1, 2, 2]
+    sample, draw, seen = _fake_sampler([[1, 1, 0, 1], [1, 0, 0, 1], [0, 1, 1, 0]])
+    everything, groups, kept, rounds = collect_groups(sample, draw, 2, 2, 0, "refill", max_rounds=4)
+    assert len(everything) == 8 and seen == [0, 1, 2, 3] and rounds == 2  # fresh prompts each round
+    assert groups == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert kept == [1, 2]  # round 1 group 1, round 2 group 0; round 2 group 1 is not needed
+    assert [everything.examples[r] for g in kept for r in groups[g]] == [1, 1, 2, 2]
 
 
 def test_dynamic_sampling_stops_at_the_cap_and_keeps_what_it_has():
-    sample, draw, _ = _fake_sampler([[1, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]], 2)
-    everything, rows = collect_groups(sample, draw, 2, 2, pad_token_id=0, max_rounds=3, drop_flat=True)
-    assert len(everything) == 12 and rows == [6, 7]  # 3 rounds, one informative group found
-    sample, draw, _ = _fake_sampler([[1, 1, 0, 0]] * 2, 2)
-    assert collect_groups(sample, draw, 2, 2, 0, max_rounds=2, drop_flat=True)[1] == []  # nothing: no update
+    sample, draw, _ = _fake_sampler([[1, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]])
+    everything, groups, kept, rounds = collect_groups(sample, draw, 2, 2, 0, "refill", max_rounds=3)
+    assert len(everything) == 12 and rounds == 3 and [groups[g] for g in kept] == [[6, 7]]  # one group found
+    sample, draw, _ = _fake_sampler([[1, 1, 0, 0]] * 2)
+    assert collect_groups(sample, draw, 2, 2, 0, "refill", max_rounds=2)[2] == []  # nothing: no update
 
 
 def test_without_dynamic_sampling_one_round_is_kept_whole():
-    sample, draw, _ = _fake_sampler([[1, 1, 0, 1]], 2)
-    everything, rows = collect_groups(sample, draw, 2, 2, pad_token_id=0, max_rounds=1, drop_flat=False)
-    assert len(everything) == 4 and rows == [0, 1, 2, 3]
+    sample, draw, _ = _fake_sampler([[1, 1, 0, 1]])
+    everything, groups, kept, rounds = collect_groups(sample, draw, 2, 2, 0, "all", max_rounds=4)
+    assert len(everything) == 4 and rounds == 1 and groups == [[0, 1], [2, 3]] and kept == [0, 1]
+
+
+def test_topup_grows_flat_groups_one_completion_at_a_time_until_the_cap():
+    # 3 prompts, G = 2, groups may grow to 4. Round 1: [1, 1] flat, [0, 1] informative, [0, 0] flat.
+    # Top-up round 1 (prompts 0 and 2): 1 -> group 0 still flat; 1 -> group 2 informative.
+    # Top-up round 2 (prompt 0 only): 1 -> group 0 has 4 completions, all right: at the cap, dropped.
+    sample, draw, seen = _fake_sampler([[1, 1, 0, 1, 0, 0], [1, 1], [1]])
+    everything, groups, kept, rounds = collect_groups(sample, draw, 3, 2, 0, "topup", max_group_size=4)
+    assert rounds == 3 and seen == [0, 1, 2, 0, 2, 0]  # top-ups re-use the flat group's prompt
+    assert groups == [[0, 1, 6, 8], [2, 3], [4, 5, 7]] and kept == [1, 2]
+    assert len(everything) == 9 and [everything.examples[r] for r in groups[2]] == [2, 2, 2]
+    assert max(len(rows) for rows in groups) == 4  # never past MAX_DYNAMIC_SAMPLES
+    # A group that is informative after one top-up stops growing at once.
+    sample, draw, _ = _fake_sampler([[0, 0], [1]])
+    assert collect_groups(sample, draw, 1, 2, 0, "topup", max_group_size=8)[1:] == ([[0, 1, 2]], [0], 2)
+
+
+def test_replay_buffer_swaps_flat_groups_and_never_grows_past_its_size():
+    buffer = ReplayBuffer(size=2, min_reward_std=0.5, max_success_rate=0.75)
+    group = lambda *acc: _rollout(torch.tensor(acc, dtype=torch.float), ["q"] * len(acc))  # noqa: E731
+    # Step 1: nothing stored yet, so the flat group stays; the informative groups that pass are stored.
+    out, replayed = buffer.swap_flat_groups([group(1, 0, 0, 0), group(1, 1, 1, 1), group(0, 1, 0, 0)], 3)
+    assert replayed == 0 and len(out) == 3 and len(buffer) == 2
+    stored = list(buffer.groups)
+    buffer.swap_flat_groups([group(1, 1, 1, 0, 1, 1, 1, 1)], 1)  # success rate 7/8 > 0.75: too easy to store
+    tight = ReplayBuffer(size=2, min_reward_std=2.0, max_success_rate=1.0)
+    tight.swap_flat_groups([group(1, 0, 0, 0, 0, 0, 0, 0)], 1)  # total-reward std 1.06 < 2.0: not stored
+    assert list(buffer.groups) == stored and len(tight) == 0
+    # Step 2: two flat groups are swapped for the two stored groups, newest first; a third stays flat.
+    out, replayed = buffer.swap_flat_groups([group(0, 0, 0, 0), group(1, 1, 1, 1), group(0, 0, 0, 0),
+                                             group(1, 0, 0, 0)], 4)
+    assert replayed == 2 and out[1] is stored[1] and out[2] is stored[0]
+    assert len(out) == 4 and [is_informative(g.rewards["accuracy"]) for g in out] == [True, True, True, False]
+    assert len(buffer) == 1  # handed-out groups leave; this step's informative group came in
+    for _ in range(5):  # many informative groups: the buffer keeps the newest `size`
+        buffer.swap_flat_groups([group(1, 0, 0, 0), group(0, 1, 0, 0), group(0, 0, 1, 0)], 3)
+        assert len(buffer) == 2
+    flat_only = ReplayBuffer(size=4, min_reward_std=0.0, max_success_rate=1.0)
+    flat_only.swap_flat_groups([group(0, 0), group(1, 1), group(1, 1, 1)], 3)
+    assert len(flat_only) == 0  # a flat group is never stored, whatever the thresholds
+

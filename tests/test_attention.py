@@ -162,9 +162,13 @@ def test_mdi_reward_by_hand():
 
     e = torch.tensor(1.0).exp().item()
     mdi = torch.tensor([1.0, e, e**2, e**3, 2.0, float("nan"), 2.0, 2.0])
-    r = mdi_reward(mdi, group_size=4)
+    r = mdi_reward(mdi, group_sizes=[4, 4])
     # Group 1: ln MDI = 0..3, median 1.5, MAD 1.0 -> z = (1.5 - ln) / 1.4826.
     expected = 0.5 * torch.tanh((1.5 - torch.arange(4.0)) / (1.4826 + 1e-6))
     assert torch.allclose(r[:4], expected, atol=1e-5)
     assert r[0] > 0 > r[3]  # the sample that looked at the image most is rewarded
     assert r[5] == 0 and torch.allclose(r[[4, 6, 7]], torch.zeros(3))  # undefined -> 0; equal values -> 0
+    # Groups of different sizes (after top-up sampling) are normalised each on their own.
+    uneven = mdi_reward(torch.cat([mdi[:4], torch.tensor([1.0, e**2])]), group_sizes=[4, 2])
+    assert torch.allclose(uneven[:4], expected, atol=1e-5)
+    assert torch.allclose(uneven[4:], 0.5 * torch.tanh(torch.tensor([1.0, -1.0]) / (1.4826 + 1e-6)), atol=1e-5)

@@ -1,4 +1,5 @@
-"""The trainers' constants: same layout in grpo.py and dapo.py, documented, and validated overrides."""
+"""The trainers' constants: same layout in grpo.py, dapo.py and ppo.py (plus its critic block), documented, and
+validated overrides."""
 
 import ast
 import os
@@ -7,6 +8,7 @@ import pytest
 
 import dapo
 import grpo
+import ppo
 from utils.config import apply_overrides, check_values, constants_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,8 +29,25 @@ def test_grpo_and_dapo_declare_the_same_constants_in_the_same_order():
     assert list(constants_of(vars(dapo))) == dapo_names
 
 
+def test_ppo_declares_grpos_constants_in_the_same_order_plus_the_critics():
+    ppo_names = [name for name, _ in constant_lines(os.path.join(ROOT, "ppo.py"))]
+    grpo_names = [name for name, _ in constant_lines(os.path.join(ROOT, "grpo.py"))]
+    critic = ["CRITIC_SHARED_BACKBONE", "VF_COEF", "CRITIC_LEARNING_RATE", "CLIP_RANGE_VALUE", "GAMMA", "LAMBDA",
+              "KL_COEF", "CRITIC_WARMUP_STEPS"]
+    assert [n for n in ppo_names if n not in critic] == grpo_names
+    assert [n for n in ppo_names if n in critic] == critic  # one block
+    start = ppo_names.index(critic[0])
+    assert ppo_names[start : start + len(critic)] == critic
+    p = constants_of(vars(ppo))
+    assert (p["GROUP_SIZE"], p["GAMMA"], p["LAMBDA"], p["KL_BETA"]) == (1, 1.0, 0.95, 0.0)
+    assert not p["DYNAMIC_SAMPLING"] and p["REPLAY_BUFFER_SIZE"] == 0 and p["DUAL_CLIP_C"] == 0
+    check_values(p, min_group_size=1)
+    with pytest.raises(ValueError, match="GROUP_SIZE >= 2"):
+        check_values({**p, "DYNAMIC_SAMPLING": True}, min_group_size=1)
+
+
 def test_every_constant_has_a_trailing_comment():
-    for path in ("dapo.py", "grpo.py"):
+    for path in ("dapo.py", "grpo.py", "ppo.py"):
         for name, line in constant_lines(os.path.join(ROOT, path)):
             assert "  # " in line and line.split("  # ", 1)[1].strip(), f"{path}: {name} has no trailing comment"
 
@@ -41,8 +60,13 @@ def test_the_algorithms_differ_where_the_spec_says():
     assert d["DYNAMIC_SAMPLING"] and not g["DYNAMIC_SAMPLING"]
     assert d["OVERLONG_FILTERING"] and not g["OVERLONG_FILTERING"]
     differing = {k for k in d if d[k] != g[k]}
-    assert differing == {"TRAIN_BATCH_PROMPTS", "SOFT_OVERLONG_PUNISHMENT", "LOSS_AGGREGATION", "CLIP_EPS_HIGH", "KL_BETA",
-                         "DYNAMIC_SAMPLING", "OVERLONG_FILTERING"}
+    assert differing == {"TRAIN_BATCH_PROMPTS", "SOFT_OVERLONG_PUNISHMENT", "LOSS_AGGREGATION", "CLIP_EPS_HIGH",
+                         "KL_BETA", "DYNAMIC_SAMPLING", "OVERLONG_FILTERING"}
+    # The remaining DAPO options are off in both: dual clip, replay, two-stage rewards; top-up is not the mode.
+    for cfg in (d, g):
+        assert cfg["DUAL_CLIP_C"] == 0 and cfg["REPLAY_BUFFER_SIZE"] == 0 and cfg["REWARD_SWITCH_STEP"] == 0
+        assert cfg["DYNAMIC_SAMPLING_MODE"] == "refill" and cfg["SCALE_ADVANTAGE_BY_STD"]
+        assert not cfg["NEGATIVE_ACCURACY_REWARD"]
 
 
 def test_overrides_are_typed():
@@ -71,9 +95,14 @@ def test_wrong_types_are_errors(arg):
 
 @pytest.mark.parametrize("arg, message", [("--LOSS_AGGREGATION=tokens", "LOSS_AGGREGATION"),
                                           ("--GROUP_SIZE=1", "at least two completions"),
-                                          ("--LR_SCHEDULE=linear", "cosine"), ("--OVERLONG_BUFFER=99", "OVERLONG")])
+                                          ("--LR_SCHEDULE=linear", "cosine"), ("--OVERLONG_BUFFER=99", "OVERLONG"),
+                                          ("--DYNAMIC_SAMPLING_MODE=resample", "topup"),
+                                          ("--DYNAMIC_SAMPLING_MODE=topup --MAX_DYNAMIC_SAMPLES=8", "exceed"),
+                                          ("--DUAL_CLIP_C=0.5", "above 1"),
+                                          ("--REPLAY_MAX_SUCCESS_RATE=1.5", "between 0 and 1"),
+                                          ("--REWARD_WEIGHTS_EARLY={'acc':1.0}", "unknown reward acc")])
 def test_values_outside_the_allowed_ones_are_errors(arg, message):
-    cfg = apply_overrides(constants_of(vars(dapo)), [arg])
+    cfg = apply_overrides(constants_of(vars(dapo)), arg.split(" "))
     with pytest.raises(ValueError, match=message):
         check_values(cfg)
     check_values(constants_of(vars(dapo)))

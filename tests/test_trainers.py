@@ -100,10 +100,13 @@ def check_markdown_logs(run_dir):
 
 
 def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
-    # DAPO with the attention ablation: VGR token weights and the MDI reward.
+    # DAPO with the attention ablation (VGR token weights and the MDI reward) and top-up dynamic sampling.
     dapo_dir = run_trainer("dapo.py", tmp_path / "runs", "--USE_TOKEN_WEIGHTS=True", "--W_MDI=0.1",
-                           "--TOKEN_WEIGHT_SMOOTHING=1.0")
+                           "--TOKEN_WEIGHT_SMOOTHING=1.0", "--DYNAMIC_SAMPLING_MODE=topup", "--MAX_DYNAMIC_SAMPLES=6")
     config, rows = check_run_folder(dapo_dir, "dapo.py")
+    for row in rows[1:]:  # one round of 3 prompts x 4, then at most 2 top-up rounds of one completion per group
+        assert 1 <= row["dapo/gen_batches"] <= 3 and 0 <= row["dapo/topup_samples"] <= 3 * 2
+        assert row["dapo/train_groups"] == round(3 * row["dapo/kept_group_frac"])
     for row in rows[1:]:
         assert -0.5 <= row["reward/mdi/mean"] <= 0.5
         assert row["policy/token_weight_mean"] == pytest.approx(1.0, abs=1e-4)
@@ -112,7 +115,6 @@ def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
     assert "Token weights: each word shows" in weights_log
     assert re.search(r"shapes\(\d\.\d\d\)", weights_log)  # e.g. "shapes(1.85)"
     assert config["KL_BETA"] == 0.0 and all(r["policy/kl"] in (0.0, None) for r in rows[1:])
-    assert all(1 <= r["dapo/gen_batches"] <= config["MAX_GEN_BATCHES"] for r in rows[1:])
 
     # The checkpoint loads with transformers directly ...
     checkpoint = os.path.join(dapo_dir, "checkpoints", "step_2")
@@ -124,11 +126,18 @@ def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
     original = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm_path)
     assert any(not torch.equal(p, trained[n]) for n, p in original.named_parameters())
 
-    # ... and as the starting point of a GRPO run (with a reference model: β = 0.04).
+    # ... and as the starting point of a GRPO run (with a reference model: β = 0.04), here with the replay
+    # buffer, dual clip and two-stage rewards (format weighs 2 in step 1, 1 after).
     grpo_dir = run_trainer("grpo.py", tmp_path / "runs", f"--MODEL_NAME_OR_PATH={checkpoint}", "--PPO_EPOCHS=2",
-                           "--MINI_BATCHES=2", "--MICRO_BATCH_SIZE=5")
+                           "--MINI_BATCHES=2", "--MICRO_BATCH_SIZE=5", "--REPLAY_BUFFER_SIZE=2", "--DUAL_CLIP_C=3",
+                           "--REWARD_SWITCH_STEP=1", "--REWARD_WEIGHTS_EARLY={'format':2.0}")
     config, rows = check_run_folder(grpo_dir, "grpo.py")
     assert config["MODEL_NAME_OR_PATH"] == checkpoint
+    for row, w_format in zip(rows[1:], (2.0, 1.0)):
+        expected = 3.0 * row["reward/accuracy/mean"] + w_format * row["reward/format/mean"]
+        assert row["reward/total/mean"] == pytest.approx(expected, abs=1e-5)
+        assert 0 <= row["dapo/replay_buffer_size"] <= 2 and 0 <= row["dapo/replayed_groups"] <= 3
+        assert 0 <= row["policy/clip_frac_dual"] <= 1
     assert all(r["dapo/gen_batches"] == 1 and r["dapo/kept_group_frac"] == 1.0 for r in rows[1:])
     assert all(r["policy/updates"] == 4 for r in rows[1:])  # 2 epochs x 2 mini-batches
     assert all(r["policy/kl"] is not None and r["policy/kl"] >= 0 for r in rows[1:])
@@ -141,3 +150,21 @@ def test_bad_override_fails_before_any_work(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "did you mean --TOTAL_STEPS" in done.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_ppo_two_steps(tmp_path):
+    """ppo.py with its defaults (one completion per prompt, a separate critic), one warm-up step."""
+    ppo_dir = run_trainer("ppo.py", tmp_path / "runs", "--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6",
+                          "--CRITIC_WARMUP_STEPS=1")
+    config, rows = check_run_folder(ppo_dir, "ppo.py")
+    assert config["KL_COEF"] > 0 and not config["CRITIC_SHARED_BACKBONE"]
+    for row in rows[1:]:
+        for key in ("critic/value_loss", "critic/explained_variance", "critic/values/mean", "critic/returns/mean"):
+            assert key in row and (row[key] is None or math.isfinite(row[key])), key
+        assert row["critic/value_loss"] >= 0 and row["dapo/train_groups"] == 6
+        # Step 1 only trained the critic, so in both steps the rollout policy is still the reference: no KL.
+        assert abs(row["reward/kl_penalty/mean"]) < 1e-6
+    assert [r["critic/warmup"] for r in rows[1:]] == [1.0, 0.0]
+    assert rows[1]["critic/values/mean"] == 0.0  # the value head starts at zero ...
+    assert rows[2]["critic/values/mean"] != 0.0  # ... and the warm-up step trained it
+    assert "**Critic**" in open(os.path.join(ppo_dir, "run_terminal.md")).read()

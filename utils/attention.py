@@ -217,20 +217,20 @@ def token_weights(vgr, mask, low=0.2, high=3.0, smoothing=0.0, rounds=20):
     return u * mask
 
 
-def mdi_reward(mdi, group_size, eps=1e-6):
+def mdi_reward(mdi, group_sizes, eps=1e-6):
     """Group-relative MDI reward: z_i = (median_g ln MDI − ln MDI_i) / (1.4826·MAD_g + eps), r_i = 0.5·tanh(z_i);
     lower MDI (more attention to the image) than the group's median is rewarded. 0 where MDI is undefined.
-    mdi: [B] (groups of G contiguous) -> [B]."""
-    log_mdi = mdi.log().view(-1, group_size)  # [N, G]
-    out = torch.zeros_like(log_mdi)
-    for g, row in enumerate(log_mdi):
+    mdi: [B] (contiguous groups of group_sizes rows) -> [B]."""
+    out = []
+    for row in mdi.log().split(list(group_sizes)):  # [n] each
+        reward = torch.zeros_like(row)
         valid = torch.isfinite(row)
-        if not valid.any():
-            continue
-        median = row[valid].quantile(0.5)  # the mean of the two middle values for even counts
-        mad = (row[valid] - median).abs().quantile(0.5)
-        out[g, valid] = 0.5 * torch.tanh((median - row[valid]) / (1.4826 * mad + eps))
-    return out.view(-1)
+        if valid.any():
+            median = row[valid].quantile(0.5)  # the mean of the two middle values for even counts
+            mad = (row[valid] - median).abs().quantile(0.5)
+            reward[valid] = 0.5 * torch.tanh((median - row[valid]) / (1.4826 * mad + eps))
+        out.append(reward)
+    return torch.cat(out)
 
 
 def prompt_token_counts(prompt_inputs, image_token_id):

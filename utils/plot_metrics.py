@@ -8,8 +8,9 @@ Usage:
         overlays the runs in one figure, FILE (default: runs_comparison.png in the current folder)
 
 From Python: `plot_run(run_dir, compare_dir=None)` also writes dapo_vs_grpo.png next to the others when
-given a second run. Every raw series is drawn faintly with its exponential moving average on top;
-held-out evaluations (eval/*, logged every EVAL_EVERY steps) are drawn as markers, unsmoothed.
+given a second run (comparison.png, an overlay, when one of the two is a PPO run). Every raw series is drawn
+faintly with its exponential moving average on top; held-out evaluations (eval/*, logged every EVAL_EVERY
+steps) are drawn as markers, unsmoothed.
 """
 
 import argparse
@@ -129,7 +130,8 @@ def _name(run_dir):
 
 # ── Figures ────────────────────────────────────────────────────────────────────────────────────────────────
 def plot_dapo_metrics(run_dir, out_path):
-    """2x3 panels of one run: loss, entropy bonus term, reward, entropy, dynamic sampling, response length."""
+    """2x3 panels of one run: loss, entropy bonus term, reward, entropy, dynamic sampling (for a PPO run: the
+    critic's value loss and explained variance), response length."""
     records, config = read_metrics(run_dir), read_config(run_dir)
     coef = config.get("ENTROPY_COEF", 0.0)
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
@@ -149,16 +151,25 @@ def plot_dapo_metrics(run_dir, out_path):
     draw(entropy_ax, records, "policy/entropy", color="tab:purple")
     _style(entropy_ax, "Entropy (nats / token)", "entropy (nats / token)")
 
-    draw(sampling_ax, records, "dapo/gen_batches", label="generation rounds", color="tab:blue")
-    off = " (off: DYNAMIC_SAMPLING = False)" if config.get("DYNAMIC_SAMPLING") is False else ""
-    _style(sampling_ax, "Dynamic sampling" + off, "generation rounds / step")
-    sampling_ax.set_ylim(0, max(series(records, "dapo/gen_batches")[1], default=1) + 0.5)
-    sampling_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    sampling_ax.set_ylabel("generation rounds / step", color="tab:blue")
-    kept_ax = sampling_ax.twinx()
-    draw(kept_ax, records, "dapo/kept_group_frac", label="kept group fraction", color="tab:orange")
-    kept_ax.set_ylabel("kept groups (fraction)", color="tab:orange")
-    kept_ax.set_ylim(0, 1.05)
+    if any("critic/value_loss" in r for r in records):
+        draw(sampling_ax, records, "critic/value_loss", color="tab:blue")
+        _style(sampling_ax, "Critic", "value loss (per token)")
+        sampling_ax.set_ylabel("value loss (per token)", color="tab:blue")
+        variance_ax = sampling_ax.twinx()
+        draw(variance_ax, records, "critic/explained_variance", color="tab:orange")
+        variance_ax.set_ylabel("explained variance", color="tab:orange")
+        variance_ax.set_ylim(min(-0.05, *series(records, "critic/explained_variance")[1]), 1.05)
+    else:
+        draw(sampling_ax, records, "dapo/gen_batches", label="generation rounds", color="tab:blue")
+        off = " (off: DYNAMIC_SAMPLING = False)" if config.get("DYNAMIC_SAMPLING") is False else ""
+        _style(sampling_ax, "Dynamic sampling" + off, "generation rounds / step")
+        sampling_ax.set_ylim(0, max(series(records, "dapo/gen_batches")[1], default=1) + 0.5)
+        sampling_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        sampling_ax.set_ylabel("generation rounds / step", color="tab:blue")
+        kept_ax = sampling_ax.twinx()
+        draw(kept_ax, records, "dapo/kept_group_frac", label="kept group fraction", color="tab:orange")
+        kept_ax.set_ylabel("kept groups (fraction)", color="tab:orange")
+        kept_ax.set_ylim(0, 1.05)
 
     draw(length_ax, records, "response/length/mean", color="tab:brown")
     _style(length_ax, "Response length (tokens)", "length (tokens, mean)")
@@ -226,13 +237,15 @@ def plot_runs(run_dirs, out_path):
     return _save(fig, out_path, top=1 - 0.045 * math.ceil(len(runs) / 4))  # room for the legend on top
 
 
-def _is_dapo(run_dir):
-    """True / False from config.json's DYNAMIC_SAMPLING, else from the folder name; None when unknown."""
-    flag = read_config(run_dir).get("DYNAMIC_SAMPLING")
-    if isinstance(flag, bool):
-        return flag
-    name = _name(run_dir).lower()
-    return True if name.startswith("dapo") else False if name.startswith("grpo") else None
+def _algorithm(run_dir):
+    """"ppo" (a config with critic constants), "dapo" / "grpo" from config.json's DYNAMIC_SAMPLING, else from
+    the folder name; None when unknown."""
+    config, name = read_config(run_dir), _name(run_dir).lower()
+    if "VF_COEF" in config or name.startswith("ppo"):
+        return "ppo"
+    if isinstance(config.get("DYNAMIC_SAMPLING"), bool):
+        return "dapo" if config["DYNAMIC_SAMPLING"] else "grpo"
+    return next((algo for algo in ("dapo", "grpo") if name.startswith(algo)), None)
 
 
 def plot_run(run_dir, compare_dir=None):
@@ -250,12 +263,16 @@ def plot_run(run_dir, compare_dir=None):
     path = os.path.join(plots, "attention_mdi.png")
     keep(plot_attention(run_dir, path), path)
     if compare_dir is not None:
-        run_is_dapo, compare_is_dapo = _is_dapo(run_dir), _is_dapo(compare_dir)
-        dapo_dir, grpo_dir = run_dir, compare_dir  # when undecided: the run first
-        if run_is_dapo is not True and (run_is_dapo is False or compare_is_dapo is True):
-            dapo_dir, grpo_dir = compare_dir, run_dir
-        path = os.path.join(plots, "dapo_vs_grpo.png")
-        keep(plot_dapo_vs_grpo_comparison(dapo_dir, grpo_dir, path), path)
+        algorithms = (_algorithm(run_dir), _algorithm(compare_dir))
+        if "ppo" in algorithms:
+            path = os.path.join(plots, "comparison.png")
+            keep(plot_runs([run_dir, compare_dir], path), path)
+        else:
+            dapo_dir, grpo_dir = run_dir, compare_dir  # when undecided: the run first
+            if algorithms[0] != "dapo" and (algorithms[0] == "grpo" or algorithms[1] == "dapo"):
+                dapo_dir, grpo_dir = compare_dir, run_dir
+            path = os.path.join(plots, "dapo_vs_grpo.png")
+            keep(plot_dapo_vs_grpo_comparison(dapo_dir, grpo_dir, path), path)
     return written
 
 

@@ -54,3 +54,9 @@ def score_completions(texts, solutions, lengths, weights, max_length, overlong_b
         overlong = [0.0] * len(texts)
     total = [weights["accuracy"] * a + weights["format"] * f + o for a, f, o in zip(accuracy, fmt, overlong)]
     return {"accuracy": accuracy, "format": fmt, "overlong": overlong, "total": total}
+
+
+def reward_weights_at(step, switch_step, early, regular):
+    """Two-stage reward weights: `regular` ({"accuracy", "format", "mdi"}: weight) overridden by the entries of
+    `early` during the first `switch_step` training steps (1-based), `regular` from step switch_step + 1 on."""
+    return {**regular, **early} if step <= switch_step else dict(regular)

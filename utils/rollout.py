@@ -1,17 +1,18 @@
 """Sampling completions (G per prompt) and slicing multimodal batches."""
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from data.prompts import encode_prompts
-from utils.rl import informative_groups
+from utils.rl import is_informative
 
 
 @dataclass
 class Rollout:
-    """A batch of prompts with one completion each; groups of G are contiguous rows.
+    """A batch of prompts with one completion each; the completions of a prompt (a group) are contiguous rows.
 
     prompt_inputs: processor outputs for the prompts (input_ids / attention_mask / mm_token_type_ids [B, P],
         pixel_values [patches, D], image_grid_thw [B, 3]); completion_ids [B, L] right-padded;
@@ -153,21 +154,83 @@ def concat_rollouts(rollouts, pad_token_id):
     )
 
 
-def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, max_rounds, drop_flat):
-    """Sample rounds of `n_groups` prompts × G completions; with `drop_flat` (DAPO's dynamic sampling), keep
-    only informative groups (0 < #correct < G) and draw new rounds until `n_groups` are kept or `max_rounds`
-    rounds have run. Without it, one round is drawn and every group is kept.
+def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds=1, max_group_size=0):
+    """Sample the groups of one training step.
 
-    sample(examples) -> a scored Rollout; draw_prompts(n) -> n examples.
-    Returns (every completion sampled, as one Rollout; the rows to train on: whole groups, at most n_groups).
+    mode "all": one round of `n_groups` prompts × G completions; every group is trained on (GRPO, PPO).
+    mode "refill" (DAPO's dynamic sampling): keep only informative groups (0 < #correct < n) and draw new
+        rounds of prompts until `n_groups` are kept or `max_rounds` rounds have run.
+    mode "topup" (the seeds' per-prompt variant): one round; then each flat group gets one more completion at
+        a time (all such groups in one generation round) until it is informative or has `max_group_size`
+        completions. Groups still flat are dropped.
+
+    sample(examples, n) -> a scored Rollout with n completions per example; draw_prompts(k) -> k examples.
+    Returns (everything: every completion sampled, as one Rollout; groups: the rows of each group in
+    `everything`; kept: indices of the groups to train on, at most n_groups; rounds: generation rounds run).
     """
-    rounds, kept_rows = [], []
-    while len(kept_rows) < n_groups * group_size and len(rounds) < max_rounds:
-        rollout = sample(draw_prompts(n_groups))
-        keep = informative_groups(rollout.rewards["accuracy"], group_size)  # [n_groups]
-        if not drop_flat:
-            keep[:] = True
-        offset = sum(len(r) for r in rounds)
-        kept_rows += [offset + g * group_size + i for g in keep.nonzero().flatten().tolist() for i in range(group_size)]
-        rounds.append(rollout)
-    return concat_rollouts(rounds, pad_token_id), kept_rows[: n_groups * group_size]
+    parts, accuracy, row_examples, n_rounds = [], [], [], 0
+
+    def sample_round(examples, n):  # -> the new rows of each example's completions
+        nonlocal n_rounds
+        rollout = sample(examples, n)
+        start = len(accuracy)
+        parts.append(rollout)
+        accuracy.extend(rollout.rewards["accuracy"].tolist())
+        row_examples.extend(rollout.examples)
+        n_rounds += 1
+        return [list(range(start + i * n, start + (i + 1) * n)) for i in range(len(examples))]
+
+    def informative(rows):
+        return is_informative(torch.tensor([accuracy[r] for r in rows]))
+
+    groups, kept = [], []
+    if mode == "refill":
+        while len(kept) < n_groups and n_rounds < max_rounds:
+            new = sample_round(draw_prompts(n_groups), group_size)
+            kept += [len(groups) + i for i, rows in enumerate(new) if informative(rows)]
+            groups += new
+    elif mode in ("all", "topup"):
+        groups = sample_round(draw_prompts(n_groups), group_size)
+        while mode == "topup":
+            short = [g for g, rows in enumerate(groups) if not informative(rows) and len(rows) < max_group_size]
+            if not short:
+                break
+            for g, rows in zip(short, sample_round([row_examples[groups[g][0]] for g in short], 1)):
+                groups[g] = groups[g] + rows
+        kept = [g for g, rows in enumerate(groups) if mode == "all" or informative(rows)]
+    else:
+        raise ValueError(f"sampling mode must be 'all', 'refill' or 'topup', got {mode!r}")
+    return concat_rollouts(parts, pad_token_id), groups, kept[:n_groups], n_rounds
+
+
+class ReplayBuffer:
+    """Informative groups kept to stand in for the flat groups of later steps (the seeds' replay variant of
+    dynamic sampling). A group is stored only when it is informative, the std of its total rewards is at least
+    `min_reward_std` and its success rate (fraction correct) is at most `max_success_rate`; the oldest group is
+    dropped when the buffer is full. A stored group is handed out once, newest first (the least off-policy).
+    """
+
+    def __init__(self, size, min_reward_std, max_success_rate):
+        self.groups = deque(maxlen=size)  # single-group Rollouts
+        self.min_reward_std, self.max_success_rate = min_reward_std, max_success_rate
+
+    def __len__(self):
+        return len(self.groups)
+
+    def passes(self, group):
+        accuracy, total = group.rewards["accuracy"], group.rewards["total"].float()
+        return (is_informative(accuracy) and total.std().item() >= self.min_reward_std
+                and (accuracy > 0).float().mean().item() <= self.max_success_rate)
+
+    def swap_flat_groups(self, groups, n_groups):
+        """The step's groups with their flat ones (and the slots up to `n_groups` they lack) replaced by stored
+        groups, as far as the buffer reaches; then the step's own informative groups are stored.
+
+        groups: scored single-group Rollouts. Returns (the groups to train on, how many came from the buffer).
+        """
+        fresh = [g for g in groups if is_informative(g.rewards["accuracy"])]
+        flat = [g for g in groups if not is_informative(g.rewards["accuracy"])]
+        replayed = [self.groups.pop() for _ in range(min(max(n_groups - len(fresh), 0), len(self.groups)))]
+        flat = flat[: max(n_groups - len(fresh) - len(replayed), 0)]  # flat groups nothing could replace
+        self.groups.extend(g for g in fresh if self.passes(g))
+        return fresh + replayed + flat, len(replayed)

@@ -82,7 +82,8 @@ class RunLog:
 # What the terminal shows each step (everything goes to metrics.jsonl).
 SHOWN_METRICS = ("reward/total/mean", "reward/accuracy/mean", "reward/format/mean", "policy/loss",
                  "policy/entropy", "policy/kl", "response/length/mean", "dapo/gen_batches",
-                 "dapo/kept_group_frac", "perf/step_s", "eval/accuracy")
+                 "dapo/kept_group_frac", "critic/value_loss", "critic/explained_variance", "perf/step_s",
+                 "eval/accuracy")
 
 
 def mean_std(values):
@@ -111,9 +112,9 @@ def perf_metrics(step_start, generate_s, logprob_s, update_s, generated_tokens):
 
 def comparison_run(runs_dir, algo, compare_with):
     """The run folder to plot against: `compare_with` itself, or for "auto" the newest finished-or-not run of
-    the other trainer (dapo <-> grpo) in runs_dir; None when there is none or compare_with is ""."""
+    the other trainer (dapo <-> grpo; ppo -> grpo) in runs_dir; None when there is none or compare_with is ""."""
     if compare_with != "auto":
         return compare_with or None
-    other = {"dapo": "grpo", "grpo": "dapo"}.get(algo)
+    other = {"dapo": "grpo", "grpo": "dapo", "ppo": "grpo"}.get(algo)
     candidates = sorted(glob.glob(os.path.join(runs_dir, f"{other}_*", "metrics.jsonl"))) if other else []
     return os.path.dirname(candidates[-1]) if candidates else None

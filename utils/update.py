@@ -1,26 +1,35 @@
-"""One policy update on a rollout batch: epochs × mini-batches × micro-batches (gradient accumulation)."""
+"""One update on a rollout batch: epochs × mini-batches × micro-batches (gradient accumulation), of the policy
+and, for PPO, of the critic."""
 
 import math
 
 import torch
 
 from utils.logprobs import completion_logprobs
-from utils.rl import aggregate, clipped_surrogate, k3_kl
+from utils.rl import aggregate, clipped_surrogate, clipped_value_loss, k3_kl
 from utils.rollout import slice_inputs
 
 
 def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, ref_logp=None, clip_low, clip_high,
                   kl_beta, entropy_coef, aggregation, epochs, mini_batches, micro_batch_size, max_grad_norm,
-                  temperature, warn=print):
+                  temperature, dual_clip=0.0, critic=None, values_old=None, returns=None, vf_coef=0.0,
+                  clip_range_value=0.0, train_policy=True, warn=print):
     """Optimise the clipped surrogate (+ β·k3 − entropy bonus) on `batch`; returns mean statistics.
 
     advantages: [B] per sequence (broadcast over tokens) or [B, L] per token; logp_old, ref_logp, loss_mask: [B, L].
     Each mini-batch is one optimizer step; its loss is normalised by the mini-batch's total valid tokens
     (token level) or sequences (sample level), so splitting it into micro-batches does not change it.
+    With a `critic` (PPO), VF_COEF × the clipped value loss against `returns` (token mean; values_old, returns:
+    [B, L]) is added. train_policy=False (critic warm-up) trains the critic alone: no policy loss, and a critic
+    that shares the policy's backbone trains only its head, so the policy does not move.
     A non-finite loss or gradient skips that optimizer step with a warning.
     """
     n = len(batch)
-    stats = {k: 0.0 for k in ("loss", "entropy", "clip_frac_low", "clip_frac_high", "kl", "grad_norm")}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stats = {k: 0.0 for k in ("loss", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "kl",
+                              "grad_norm")}
+    if critic is not None:
+        stats.update(value_loss=0.0, value_clip_frac=0.0)
     counted_tokens, valid_tokens, updates, skipped = 0, 0, 0, 0
     generator = torch.Generator().manual_seed(0)
     for _ in range(epochs):
@@ -29,23 +38,34 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
             mb_rows = mb_rows.tolist()
             total_tokens = int(loss_mask[mb_rows].sum())
             optimizer.zero_grad(set_to_none=True)
-            mb_loss = 0.0
+            mb_loss, mb_policy_loss = 0.0, 0.0  # the optimised loss, and its policy part
             for start in range(0, len(mb_rows), micro_batch_size):
                 rows = mb_rows[start : start + micro_batch_size]
                 device = next(policy.parameters()).device
                 mask = loss_mask[rows].to(device)
-                logp, entropy = completion_logprobs(
-                    policy, slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows],
-                    batch.completion_mask[rows], temperature, with_entropy=True,
-                )
-                adv = advantages[rows].to(device)  # [b] per sequence, or [b, L] per token (token weights)
+                inputs = slice_inputs(batch.prompt_inputs, rows)
+                with torch.set_grad_enabled(train_policy):
+                    logp, entropy = completion_logprobs(policy, inputs, batch.completion_ids[rows],
+                                                        batch.completion_mask[rows], temperature, with_entropy=True)
+                adv = advantages[rows].to(device)  # [b] per sequence, or [b, L] per token (token weights, PPO)
                 adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
-                per_token, clipped_low, clipped_high = clipped_surrogate(
-                    logp, logp_old[rows].to(device), adv, clip_low, clip_high
+                per_token, clipped_low, clipped_high, clipped_dual = clipped_surrogate(
+                    logp, logp_old[rows].to(device), adv, clip_low, clip_high, dual_clip
                 )
                 kl = k3_kl(logp, ref_logp[rows].to(device)) if ref_logp is not None else torch.zeros_like(logp)
                 per_token = per_token + kl_beta * kl - entropy_coef * entropy
                 loss = aggregate(per_token, mask, aggregation, total_tokens, len(mb_rows))
+                mb_policy_loss += loss.item()
+                loss = loss if train_policy else 0.0
+                if critic is not None:
+                    values = critic(inputs, batch.completion_ids[rows], batch.completion_mask[rows],
+                                    train_backbone=train_policy or critic.backbone is not policy.model)
+                    value_loss, value_clipped = clipped_value_loss(values, values_old[rows].to(device),
+                                                                   returns[rows].to(device), clip_range_value)
+                    loss = loss + vf_coef * aggregate(value_loss, mask, "token", total_tokens, len(mb_rows))
+                    with torch.no_grad():
+                        stats["value_loss"] += (value_loss * mask).sum().item()
+                        stats["value_clip_frac"] += (value_clipped.float() * mask).sum().item()
                 loss.backward()
                 mb_loss += loss.item()
                 with torch.no_grad():  # token-weighted sums; divided by the token counts at the end
@@ -54,21 +74,23 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                     valid_tokens += valid.sum().item()
                     stats["clip_frac_low"] += (clipped_low.float() * m).sum().item()
                     stats["clip_frac_high"] += (clipped_high.float() * m).sum().item()
+                    stats["clip_frac_dual"] += (clipped_dual.float() * m).sum().item()
                     stats["kl"] += (kl * m).sum().item()
             counted_tokens += total_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
             if not (math.isfinite(mb_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 warn(f"non-finite loss ({mb_loss}) or gradient norm ({grad_norm}); optimizer step skipped")
                 continue
             optimizer.step()
-            stats["loss"] += mb_loss
+            stats["loss"] += mb_policy_loss
             stats["grad_norm"] += grad_norm
             updates += 1
     stats["entropy"] /= max(valid_tokens, 1)
-    for k in ("clip_frac_low", "clip_frac_high", "kl"):  # over the tokens that carry loss
-        stats[k] /= max(counted_tokens, 1)
+    for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "kl", "value_loss", "value_clip_frac"):
+        if k in stats:  # means over the tokens that carry loss
+            stats[k] /= max(counted_tokens, 1)
     for k in ("loss", "grad_norm"):
         stats[k] = stats[k] / updates if updates else float("nan")
     stats["updates"], stats["skipped_updates"] = updates, skipped

@@ -1,0 +1,355 @@
+"""PPO with a learned critic for vision-language models (Schulman et al. 2017; the RLHF recipe of Ouyang et al.
+2022), the third member of the family next to grpo.py and dapo.py.
+
+Where GRPO compares G completions of the same prompt to get a baseline, PPO learns one: a critic V(s_t)
+predicts, at every completion token, the reward still to come. Each step:
+
+1. sample one completion per prompt (GROUP_SIZE = 1; more are allowed) and score it as GRPO does;
+2. token rewards: the outcome reward on the last token, minus KL_COEF·(logp_old − logp_ref) on every token
+   (the KL penalty lives in the reward, not in the loss: KL_BETA = 0);
+3. GAE (γ = GAMMA, λ = LAMBDA) over the valid tokens gives per-token advantages and returns, and the advantages
+   are whitened over the batch;
+4. the clipped surrogate (symmetric clip 0.2, token-mean) plus VF_COEF × the clipped value loss, for PPO_EPOCHS
+   passes of MINI_BATCHES optimizer steps; the first CRITIC_WARMUP_STEPS steps train the critic alone.
+
+The constants are grpo.py's, in the same order, plus the "Critic" block. The group-only options (dynamic
+sampling, the replay buffer, the MDI reward) need GROUP_SIZE ≥ 2; SCALE_ADVANTAGE_BY_STD does not apply (GAE
+advantages are whitened instead). Run `python ppo.py` (or override constants: `python ppo.py --TOTAL_STEPS=10`).
+"""
+
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import PromptSampler, load_datasets
+from utils.attention import (batch_metrics, mdi_reward, prompt_token_counts, sample_metrics, stage_layers,
+                             token_vgr, token_weight_metrics, token_weights)
+from utils.config import apply_overrides, check_values, constants_of, format_config
+from utils.critic import Critic
+from utils.evaluate import evaluate
+from utils.logprobs import batched_logprobs
+from utils.model import (
+    EMBEDDED_MODEL,
+    default_dtype,
+    load_model,
+    load_processor,
+    make_rollout_model,
+    resolve_devices,
+    suppressed_token_ids,
+    sync_rollout_model,
+)
+from utils.rewards import reward_weights_at, score_completions
+from utils.rl import explained_variance, gae, is_informative, overlong_loss_mask, token_rewards, whiten
+from utils.rollout import ReplayBuffer, collect_groups, concat_rollouts, generate, select_rows
+from utils.plot_metrics import plot_run
+from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
+from utils.tiny_vlm import ensure_tiny_vlm
+from utils.update import learning_rate_at, policy_update
+
+# ── Model and devices ─────────────────────────────────────────────────────────────────────────────
+MODEL_NAME_OR_PATH = "embedded-tiny-vlm"  # Qwen2-VL / Qwen2.5-VL hub name or folder, or the built-in tiny VLM
+MODEL_CACHE_DIR = ".cache"  # folder where the embedded tiny VLM is built once and reused
+TRUST_REMOTE_CODE = False  # bool; only for checkpoints whose code you trust
+POLICY_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; auto: cuda:0 if there is a GPU, else cpu
+ROLLOUT_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; reference + generation copy; auto: cuda:1 with 2 GPUs
+CPU_THREADS = 2  # torch threads on CPU; 0 = torch's default. Use 1 when another job shares the cores
+GRADIENT_CHECKPOINTING = False  # bool; trade compute for memory on large models
+FREEZE_VISION_TOWER = False  # bool; train only the language model (and the vision-language merger)
+SEED = 0  # int; seeds torch, data order and sampling
+
+# ── Data ──────────────────────────────────────────────────────────────────────────────────────────
+DATASET = "synthetic"  # "synthetic" | HF hub name | save_to_disk folder | .parquet | .jsonl (image paths)
+EVAL_DATASET = ""  # held-out source of the same kinds; "" = the EVAL_SPLIT of DATASET
+TRAIN_SPLIT = "train"  # split name for HF sources with named splits
+EVAL_SPLIT = "test"  # held-out split name for HF sources with named splits
+QUESTION_KINDS = ["count"]  # synthetic only: any of "colour", "shape", "count" (the warm start left count to RL)
+IMAGE_SIZE = 56  # synthetic only: pixels per side (multiple of 14)
+MAX_OBJECTS = 4  # synthetic only: 1..4 objects per image
+SHUFFLE_OPTIONS = False  # synthetic only: list options A-D in random order (much harder for a tiny model)
+TRAIN_SIZE = 100_000  # synthetic only: number of training examples
+EVAL_SAMPLES = 240  # held-out examples scored at each evaluation
+
+# ── Rollout ───────────────────────────────────────────────────────────────────────────────────────
+TRAIN_BATCH_PROMPTS = 64  # prompts (groups) per training batch
+GROUP_SIZE = 1  # G: completions sampled per prompt
+MAX_NEW_TOKENS = 24  # L_max: completion length limit in tokens
+TEMPERATURE = 1.0  # sampling temperature (log-probs are computed at the same temperature)
+TOP_P = 1.0  # nucleus sampling; 1.0 = off
+GENERATION_BATCH_SIZE = 128  # sequences generated at once
+
+# ── Rewards ───────────────────────────────────────────────────────────────────────────────────────
+W_ACCURACY = 3.0  # weight of the accuracy reward (1 right / 0 wrong)
+W_FORMAT = 1.0  # weight of the format reward (<think>…</think> then the answer)
+NEGATIVE_ACCURACY_REWARD = False  # bool; accuracy is +1/-1 instead of 1/0 (DAPO paper's rule-based reward)
+SOFT_OVERLONG_PUNISHMENT = False  # bool; DAPO Eq. 13 length penalty in the last OVERLONG_BUFFER tokens
+OVERLONG_BUFFER = 8  # L_cache in tokens
+REWARD_SWITCH_STEP = 0  # two-stage rewards: steps 1..N use REWARD_WEIGHTS_EARLY, later steps the W_* above; 0 = off
+REWARD_WEIGHTS_EARLY = {"accuracy": 1.0, "format": 2.0}  # first-stage weights by reward ("accuracy", "format", "mdi")
+
+# ── Algorithm ─────────────────────────────────────────────────────────────────────────────────────
+LOSS_AGGREGATION = "token"  # "token" (DAPO: mean over all tokens) | "sample" (GRPO: mean of sequence means)
+CLIP_EPS_LOW = 0.2  # ratio lower clip: 1 - CLIP_EPS_LOW
+CLIP_EPS_HIGH = 0.2  # ratio upper clip: 1 + CLIP_EPS_HIGH (DAPO's Clip-Higher)
+DUAL_CLIP_C = 0.0  # dual clip: a token with A < 0 loses at most -c·A, whatever its ratio (c > 1, e.g. 3.0); 0 = off
+KL_BETA = 0.0  # β of the k3 KL penalty to the reference model; 0 = no reference model is loaded
+ENTROPY_COEF = 0.0  # entropy bonus coefficient (0 = off)
+SCALE_ADVANTAGE_BY_STD = True  # bool; False = Dr.GRPO advantages (R - mean, no division by std)
+DYNAMIC_SAMPLING = False  # bool; train only on informative groups (not all right / all wrong)
+DYNAMIC_SAMPLING_MODE = "refill"  # "refill": drop flat groups, sample new prompts | "topup": add completions to them
+MAX_GEN_BATCHES = 4  # refill: generation rounds per step at most; then train on what is there
+MAX_DYNAMIC_SAMPLES = 16  # topup: a flat group grows one completion at a time up to this size, then is dropped
+REPLAY_BUFFER_SIZE = 0  # groups stored to stand in for later flat (or missing) groups; 0 = off
+REPLAY_MIN_REWARD_STD = 0.5  # replay: store only groups whose total rewards have at least this std ...
+REPLAY_MAX_SUCCESS_RATE = 0.75  # ... and at most this fraction of correct completions (hard prompts)
+OVERLONG_FILTERING = False  # bool; truncated completions get loss weight 0
+
+# ── Critic (PPO only) ─────────────────────────────────────────────────────────────────────────────
+CRITIC_SHARED_BACKBONE = False  # bool; True: value head on the policy's backbone; False: on a separate copy
+VF_COEF = 0.5  # weight of the value loss in the optimised loss
+CRITIC_LEARNING_RATE = 5e-3  # AdamW peak for the critic (its head, and its copy of the model when not shared)
+CLIP_RANGE_VALUE = 0.2  # value clipping: V may move at most this far from V_old per rollout batch; 0 = off
+GAMMA = 1.0  # discount over completion tokens
+LAMBDA = 0.95  # GAE λ: 1 = Monte-Carlo returns (high variance), 0 = one-step TD (high bias)
+KL_COEF = 0.05  # per-token penalty -KL_COEF·(logp_old - logp_ref) in the reward; 0 = no reference model
+CRITIC_WARMUP_STEPS = 5  # first steps train only the critic (the policy waits for a useful baseline)
+
+# ── Attention diagnostics (SPEC §6) ───────────────────────────────────────────────────────────────
+ATTENTION_METRICS = True  # bool; attention mass on image / text / completion keys, logged every step
+ATTENTION_EXCLUDE_SINK = True  # bool; keep the first prompt token (the attention sink) out of the text bucket
+VGR_LAYERS = "late"  # layers whose attention defines VGR: "early" | "middle" | "late" | "all"
+USE_TOKEN_WEIGHTS = False  # bool; scale each token's advantage by a weight from its VGR (ablation)
+TOKEN_WEIGHT_MIN = 0.2  # lower clip of the token weights (their mean is 1)
+TOKEN_WEIGHT_MAX = 3.0  # upper clip of the token weights
+TOKEN_WEIGHT_SMOOTHING = 0.0  # σ in tokens of a Gaussian smoothing of the weights; 0 = off
+W_MDI = 0.0  # weight of the group-relative MDI reward (more attention to the image than the group); 0 = off
+
+# ── Optimisation ──────────────────────────────────────────────────────────────────────────────────
+TOTAL_STEPS = 100  # training steps (one rollout batch each)
+LEARNING_RATE = 5e-4  # AdamW peak; the tiny model wants ~5e-4, a 3B model ~1e-6
+LR_SCHEDULE = "cosine"  # "constant" | "cosine" (from LEARNING_RATE at step 1 down to 0 after TOTAL_STEPS)
+WEIGHT_DECAY = 0.0  # AdamW weight decay
+PPO_EPOCHS = 2  # passes over each rollout batch
+MINI_BATCHES = 2  # optimizer steps per pass (the batch is split into this many mini-batches)
+MICRO_BATCH_SIZE = 64  # sequences per forward/backward (gradient accumulation); lower it to save memory
+MAX_GRAD_NORM = 1.0  # gradient clipping
+
+# ── Evaluation, logging, checkpoints ──────────────────────────────────────────────────────────────
+EVAL_EVERY = 20  # steps between held-out evaluations (also at step 0 and at the end)
+SAVE_EVERY = 0  # steps between checkpoints; 0 = only at the end
+LOG_EVERY = 10  # steps between entries of rollout_results.md, attention_diagnostics.md, token_weights.md
+LOG_SAMPLES = 2  # completions shown in full per log entry
+PLOT_EVERY = 50  # steps between plot refreshes in <run>/plots/ (always at the end); 0 = only at the end
+COMPARE_WITH = "auto"  # run folder for the DAPO-vs-GRPO plot; "auto" = newest run of the other trainer; "" = none
+RUNS_DIR = "runs"  # run folders go to RUNS_DIR/<trainer>_<timestamp>/, e.g. runs/dapo_20261122_101500/
+
+
+def main(argv=None):
+    cfg = apply_overrides(constants_of(globals()), sys.argv[1:] if argv is None else argv)
+    check_values(cfg, min_group_size=1)  # the critic is the baseline: one completion per prompt is enough
+    algo = os.path.splitext(os.path.basename(__file__))[0]
+    run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__)
+    log = run.print
+    log(f"run folder: {run.dir}\nconfig:\n{format_config(cfg)}")
+    torch.manual_seed(cfg["SEED"])
+    if cfg["CPU_THREADS"]:
+        torch.set_num_threads(cfg["CPU_THREADS"])
+
+    # ── Model, reference, rollout copy ──
+    policy_device, rollout_device = resolve_devices(cfg["POLICY_DEVICE"], cfg["ROLLOUT_DEVICE"])
+    path = cfg["MODEL_NAME_OR_PATH"]
+    if path == EMBEDDED_MODEL:
+        path = ensure_tiny_vlm(cfg["MODEL_CACHE_DIR"], log)
+    processor = load_processor(path, cfg["TRUST_REMOTE_CODE"])
+    policy = load_model(path, policy_device, default_dtype(policy_device), cfg["TRUST_REMOTE_CODE"])
+    if cfg["GRADIENT_CHECKPOINTING"]:
+        policy.gradient_checkpointing_enable()
+    if cfg["FREEZE_VISION_TOWER"]:
+        policy.model.visual.requires_grad_(False)
+        policy.model.visual.merger.requires_grad_(True)
+    policy.train()
+    rollout_model = make_rollout_model(policy, rollout_device)
+    reference = None
+    if cfg["KL_COEF"] > 0 or cfg["KL_BETA"] > 0:  # no KL at all: no reference model
+        reference = load_model(path, rollout_device, default_dtype(rollout_device), cfg["TRUST_REMOTE_CODE"]).eval()
+        reference.requires_grad_(False)
+    if cfg["CRITIC_SHARED_BACKBONE"]:
+        backbone = policy.model
+    else:  # a separate copy of the starting model (its language-model head is dropped)
+        critic_model = load_model(path, policy_device, default_dtype(policy_device), cfg["TRUST_REMOTE_CODE"])
+        if cfg["GRADIENT_CHECKPOINTING"]:
+            critic_model.gradient_checkpointing_enable()
+        if cfg["FREEZE_VISION_TOWER"]:
+            critic_model.model.visual.requires_grad_(False)
+            critic_model.model.visual.merger.requires_grad_(True)
+        backbone = critic_model.model
+        del critic_model
+    critic = Critic(backbone, policy.config.text_config.hidden_size).to(policy_device).train()
+    policy_params = [p for p in policy.parameters() if p.requires_grad]
+    in_policy = {id(p) for p in policy_params}  # a shared backbone is trained once, with the policy
+    critic_params = [p for p in critic.parameters() if p.requires_grad and id(p) not in in_policy]
+    optimizer = torch.optim.AdamW([{"params": policy_params, "base_lr": cfg["LEARNING_RATE"]},
+                                   {"params": critic_params, "base_lr": cfg["CRITIC_LEARNING_RATE"]}],
+                                  lr=cfg["LEARNING_RATE"], weight_decay=cfg["WEIGHT_DECAY"])
+    suppress = suppressed_token_ids(processor.tokenizer)
+    image_id = policy.config.image_token_id if cfg["ATTENTION_METRICS"] else None  # None: no attention metrics
+    log(f"policy on {policy_device}, rollout on {rollout_device}, reference: {'yes' if reference else 'none'}, "
+        f"critic: {'value head on the policy' if cfg['CRITIC_SHARED_BACKBONE'] else 'separate copy'}, "
+        f"{sum(p.numel() for p in policy_params + critic_params) / 1e6:.2f}M trained parameters")
+
+    # ── Data ──
+    train_data, eval_data = load_datasets(
+        cfg["DATASET"], cfg["EVAL_DATASET"], cfg["TRAIN_SPLIT"], cfg["EVAL_SPLIT"], cfg["TRAIN_SIZE"],
+        cfg["EVAL_SAMPLES"], seed=cfg["SEED"], kinds=cfg["QUESTION_KINDS"], image_size=cfg["IMAGE_SIZE"],
+        max_objects=cfg["MAX_OBJECTS"], shuffle_options=cfg["SHUFFLE_OPTIONS"], log=log,
+    )
+    prompts = PromptSampler(train_data, cfg["SEED"])
+    G = cfg["GROUP_SIZE"]
+    sampling_mode = cfg["DYNAMIC_SAMPLING_MODE"] if cfg["DYNAMIC_SAMPLING"] else "all"
+    replay = None
+    if cfg["REPLAY_BUFFER_SIZE"]:
+        replay = ReplayBuffer(cfg["REPLAY_BUFFER_SIZE"], cfg["REPLAY_MIN_REWARD_STD"], cfg["REPLAY_MAX_SUCCESS_RATE"])
+    regular_weights = {"accuracy": cfg["W_ACCURACY"], "format": cfg["W_FORMAT"], "mdi": cfg["W_MDI"]}
+
+    def sample_and_score(examples, n, weights):
+        """n completions for each example, with every reward component."""
+        rollout = generate(rollout_model, processor, examples, n, cfg["MAX_NEW_TOKENS"], cfg["TEMPERATURE"],
+                           cfg["TOP_P"], suppress_ids=suppress, batch_size=cfg["GENERATION_BATCH_SIZE"],
+                           desc="generate")
+        rewards = score_completions(
+            rollout.texts, [ex["solution"] for ex in rollout.examples], rollout.completion_mask.sum(1).tolist(),
+            weights, cfg["MAX_NEW_TOKENS"], cfg["OVERLONG_BUFFER"], cfg["SOFT_OVERLONG_PUNISHMENT"],
+            cfg["NEGATIVE_ACCURACY_REWARD"],
+        )
+        rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
+        return rollout
+
+    def run_eval():
+        return evaluate(rollout_model, processor, eval_data, cfg["EVAL_SAMPLES"], cfg["MAX_NEW_TOKENS"],
+                        cfg["GENERATION_BATCH_SIZE"], suppress)
+
+    eval_metrics = run_eval()
+    log("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in eval_metrics.items()))
+    run.log_metrics({"step": 0, **eval_metrics})
+    pad_id = processor.tokenizer.pad_token_id
+
+    for step in tqdm(range(1, cfg["TOTAL_STEPS"] + 1), desc=algo, dynamic_ncols=True):
+        t0 = time.time()
+        lr = learning_rate_at(step, cfg["TOTAL_STEPS"], cfg["LEARNING_RATE"], cfg["LR_SCHEDULE"])
+        for group in optimizer.param_groups:  # the policy's and the critic's, each on its own schedule
+            group["lr"] = learning_rate_at(step, cfg["TOTAL_STEPS"], group["base_lr"], cfg["LR_SCHEDULE"])
+        # ── 1. Sample and score (as grpo.py; dynamic sampling and replay only with GROUP_SIZE >= 2) ──
+        reward_weights = reward_weights_at(step, cfg["REWARD_SWITCH_STEP"], cfg["REWARD_WEIGHTS_EARLY"],
+                                           regular_weights)
+        everything, groups, kept, rounds = collect_groups(
+            lambda examples, n: sample_and_score(examples, n, reward_weights), prompts.next,
+            cfg["TRAIN_BATCH_PROMPTS"], G, pad_id, sampling_mode, cfg["MAX_GEN_BATCHES"], cfg["MAX_DYNAMIC_SAMPLES"],
+        )
+        train_groups = [select_rows(everything, groups[g]) for g in kept]  # one scored Rollout per group
+        n_replayed = 0
+        if replay is not None:  # stored informative groups stand in for flat (or missing) ones
+            train_groups, n_replayed = replay.swap_flat_groups(train_groups, cfg["TRAIN_BATCH_PROMPTS"])
+        group_sizes = [len(g) for g in train_groups]
+        generate_s, logprob_s, update_s = time.time() - t0, 0.0, 0.0
+        n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
+        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), "dapo/gen_batches": rounds,
+                   "dapo/train_groups": len(train_groups), "dapo/kept_group_frac": len(kept) / len(groups),
+                   "dapo/flat_group_frac": n_flat / len(groups)}
+        if sampling_mode == "topup":
+            metrics["dapo/topup_samples"] = len(everything) - G * len(groups)
+        if replay is not None:
+            metrics.update({"dapo/replayed_groups": n_replayed, "dapo/replay_buffer_size": len(replay)})
+        # What the logs show if there is no update:
+        batch, advantages, attention, vgr, weights = everything, torch.zeros(len(everything)), None, None, None
+        if not train_groups:
+            run.warn(f"step {step}: no informative group in {len(groups)} sampled; no update this step")
+        else:
+            batch = concat_rollouts(train_groups, pad_id)
+
+            # ── 2. Log-probs of the rollout policy (π_old) and of the reference (attention masses on the way);
+            #       the critic's values V_old ──
+            t_lp = time.time()
+            lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
+                       cfg["TEMPERATURE"])
+            logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)  # [B, L]
+            if image_id is not None:
+                logp_old, masses = logp_old  # masses: [layers, B, L, 4]
+                n_text, n_vision = prompt_token_counts(batch.prompt_inputs, image_id)  # [B] each
+                attention = sample_metrics(masses, batch.completion_mask, n_text, n_vision,
+                                           cfg["ATTENTION_EXCLUDE_SINK"])  # {stage: {metric: [B]}}
+                metrics.update(batch_metrics(attention, n_text, n_vision))
+            ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
+            values_old = critic.batched(*lp_args[:4])  # [B, L]
+            logprob_s = time.time() - t_lp
+
+            # ── 3. Token rewards (outcome on the last token − KL penalty), GAE, whitened advantages ──
+            if reward_weights["mdi"]:
+                batch.rewards["mdi"] = mdi_reward(attention["all"]["mdi"], group_sizes)
+                batch.rewards["total"] = batch.rewards["total"] + reward_weights["mdi"] * batch.rewards["mdi"]
+                metrics["reward/mdi/mean"] = batch.rewards["mdi"].mean().item()
+            loss_mask = batch.completion_mask.float()  # [B, L]
+            if cfg["OVERLONG_FILTERING"]:
+                loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
+            rewards = token_rewards(batch.rewards["total"], logp_old, ref_logp, batch.completion_mask,
+                                    cfg["KL_COEF"])  # [B, L]
+            advantages, returns = gae(rewards, values_old, batch.completion_mask, cfg["GAMMA"], cfg["LAMBDA"])
+            advantages = whiten(advantages, loss_mask)  # [B, L]
+            valid = batch.completion_mask.bool()
+            metrics.update({
+                "critic/values/mean": values_old[valid].mean().item(),
+                "critic/returns/mean": returns[valid].mean().item(),
+                "critic/explained_variance": explained_variance(values_old, returns, batch.completion_mask),
+                "reward/kl_penalty/mean": (rewards.sum(1) - batch.rewards["total"]).mean().item(),
+            })
+            if image_id is not None:
+                vgr = token_vgr(masses, stage_layers(masses.shape[0])[cfg["VGR_LAYERS"]], n_text, n_vision,
+                                cfg["ATTENTION_EXCLUDE_SINK"])  # [B, L]
+            if cfg["USE_TOKEN_WEIGHTS"]:
+                weights = token_weights(vgr, batch.completion_mask, cfg["TOKEN_WEIGHT_MIN"], cfg["TOKEN_WEIGHT_MAX"],
+                                        cfg["TOKEN_WEIGHT_SMOOTHING"])  # [B, L], mean 1 per sequence
+                advantages = advantages * weights  # [B, L]
+                metrics.update(token_weight_metrics(weights, batch.completion_mask))
+
+            # ── 4. Policy and critic update (the critic alone while warming up), then refresh the generation copy ──
+            t_up = time.time()
+            train_policy = step > cfg["CRITIC_WARMUP_STEPS"]
+            stats = policy_update(
+                policy, optimizer, batch, advantages, logp_old, loss_mask, ref_logp=ref_logp,
+                clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], dual_clip=cfg["DUAL_CLIP_C"],
+                kl_beta=cfg["KL_BETA"], entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"],
+                epochs=cfg["PPO_EPOCHS"], mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
+                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], critic=critic,
+                values_old=values_old, returns=returns, vf_coef=cfg["VF_COEF"],
+                clip_range_value=cfg["CLIP_RANGE_VALUE"], train_policy=train_policy, warn=run.warn,
+            )
+            if train_policy:
+                sync_rollout_model(policy, rollout_model)
+            update_s = time.time() - t_up
+            critic_stats = {"value_loss": stats.pop("value_loss"), "value_clip_frac": stats.pop("value_clip_frac")}
+            metrics.update({f"policy/{k}": v for k, v in stats.items()})
+            metrics.update({f"critic/{k}": v for k, v in critic_stats.items()})
+            metrics["critic/warmup"] = float(not train_policy)
+            metrics["policy/advantage_abs_mean"] = advantages[valid].abs().mean().item()
+
+        # ── 5. Log, evaluate, checkpoint ──
+        metrics.update(perf_metrics(t0, generate_s, logprob_s, update_s, everything.completion_mask.sum().item()))
+        if step % cfg["EVAL_EVERY"] == 0 or step == cfg["TOTAL_STEPS"]:
+            metrics.update(run_eval())
+        run.log_metrics(metrics)
+        run.print_metrics(metrics, SHOWN_METRICS)
+        last = step == cfg["TOTAL_STEPS"]
+        if step % cfg["LOG_EVERY"] == 0 or last:
+            run.log_samples(step, batch, advantages, processor.tokenizer, cfg["LOG_SAMPLES"], attention, vgr, weights)
+        if (cfg["PLOT_EVERY"] and step % cfg["PLOT_EVERY"] == 0) or last:
+            compare = comparison_run(cfg["RUNS_DIR"], algo, cfg["COMPARE_WITH"])
+            log(f"plots: {', '.join(plot_run(run.dir, compare))}")
+        if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or last:
+            log(f"checkpoint: {run.save_checkpoint(policy, processor, step)}")
+    log(f"done: {run.dir}")
+    return run.dir
+
+
+if __name__ == "__main__":
+    main()

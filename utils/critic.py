@@ -1,0 +1,43 @@
+"""PPO's critic: a value head on the policy's backbone, or on a separate copy of the model."""
+
+import torch
+from torch import nn
+
+from utils.logprobs import full_inputs
+from utils.rollout import slice_inputs
+
+
+class Critic(nn.Module):
+    """V(s_t) for every completion token t: a linear head on the final hidden state at the position that predicts
+    token t, i.e. the state after the prompt and the completion's first t tokens.
+
+    backbone: the decoder of a Qwen-VL model (`model.model`, vision tower included). Passing the policy's own
+    backbone gives the shared variant (one model in memory; the value loss trains the backbone too); passing a
+    copy's gives a separate critic (twice the weights). The head is float32 and starts at zero (V = 0).
+    """
+
+    def __init__(self, backbone, hidden_size):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, prompt_inputs, completion_ids, completion_mask, train_backbone=True):
+        """Values [b, L] (float32) of a batch: prompt_inputs [b, P] processor batch, completion_ids/mask [b, L].
+        train_backbone=False stops the gradient at the hidden states (only the head learns)."""
+        device = self.head.weight.device
+        inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
+        length = completion_ids.shape[1]
+        with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
+            hidden = self.backbone(**inputs, use_cache=False).last_hidden_state[:, -(length + 1) : -1]  # [b, L, H]
+        return self.head(hidden.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def batched(self, prompt_inputs, completion_ids, completion_mask, micro_batch_size):
+        """forward over a whole batch in micro-batches, without gradients. Returns [B, L] on CPU."""
+        out = []
+        for start in range(0, completion_ids.shape[0], micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            out.append(self(slice_inputs(prompt_inputs, rows), completion_ids[rows], completion_mask[rows]).cpu())
+        return torch.cat(out)
