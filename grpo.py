@@ -40,8 +40,8 @@ from utils.model import (
     sync_rollout_model,
 )
 from utils.rewards import reward_weights_at, score_completions
-from utils.rl import group_advantages, is_informative, overlong_loss_mask
-from utils.rollout import ReplayBuffer, collect_groups, concat_rollouts, generate, select_rows
+from utils.rl import group_advantages, overlong_loss_mask
+from utils.rollout import ReplayBuffer, concat_rollouts, generate, sample_step
 from utils.plot_metrics import plot_run
 from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
@@ -213,31 +213,22 @@ def main(argv=None):
             group["lr"] = lr
         # ── 1. Sample and score. Dynamic sampling keeps only informative groups (0 < #correct < G): "refill"
         #       draws new prompts until TRAIN_BATCH_PROMPTS groups are kept or MAX_GEN_BATCHES rounds ran,
-        #       "topup" adds completions to each flat group until it is informative or MAX_DYNAMIC_SAMPLES. ──
+        #       "topup" adds completions to each flat group until it is informative or MAX_DYNAMIC_SAMPLES;
+        #       a replay buffer (REPLAY_BUFFER_SIZE) swaps remaining flat groups for stored informative ones. ──
         reward_weights = reward_weights_at(step, cfg["REWARD_SWITCH_STEP"], cfg["REWARD_WEIGHTS_EARLY"],
                                            regular_weights)
-        everything, groups, kept, rounds = collect_groups(
+        everything, train_groups, sampling = sample_step(
             lambda examples, n: sample_and_score(examples, n, reward_weights), prompts.next,
             cfg["TRAIN_BATCH_PROMPTS"], G, pad_id, sampling_mode, cfg["MAX_GEN_BATCHES"], cfg["MAX_DYNAMIC_SAMPLES"],
+            replay,
         )
-        train_groups = [select_rows(everything, groups[g]) for g in kept]  # one scored Rollout per group
-        n_replayed = 0
-        if replay is not None:  # stored informative groups stand in for flat (or missing) ones
-            train_groups, n_replayed = replay.swap_flat_groups(train_groups, cfg["TRAIN_BATCH_PROMPTS"])
         group_sizes = [len(g) for g in train_groups]
         generate_s, logprob_s, update_s = time.time() - t0, 0.0, 0.0
-        n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
-        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), "dapo/gen_batches": rounds,
-                   "dapo/train_groups": len(train_groups), "dapo/kept_group_frac": len(kept) / len(groups),
-                   "dapo/flat_group_frac": n_flat / len(groups)}
-        if sampling_mode == "topup":
-            metrics["dapo/topup_samples"] = len(everything) - G * len(groups)
-        if replay is not None:
-            metrics.update({"dapo/replayed_groups": n_replayed, "dapo/replay_buffer_size": len(replay)})
+        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), **sampling}
         # What the logs show if there is no update:
         batch, advantages, attention, vgr, weights = everything, torch.zeros(len(everything)), None, None, None
         if not train_groups:
-            run.warn(f"step {step}: no informative group in {len(groups)} sampled; no update this step")
+            run.warn(f"step {step}: no informative group sampled; no update this step")
         else:
             batch = concat_rollouts(train_groups, pad_id)
 

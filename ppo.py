@@ -4,13 +4,16 @@
 Where GRPO compares G completions of the same prompt to get a baseline, PPO learns one: a critic V(s_t)
 predicts, at every completion token, the reward still to come. Each step:
 
-1. sample one completion per prompt (GROUP_SIZE = 1; more are allowed) and score it as GRPO does;
+1. sample one completion for each of 128 prompts (GROUP_SIZE = 1; more are allowed) and score it as GRPO does;
 2. token rewards: the outcome reward on the last token, minus KL_COEF·(logp_old − logp_ref) on every token
    (the KL penalty lives in the reward, not in the loss: KL_BETA = 0);
 3. GAE (γ = GAMMA, λ = LAMBDA) over the valid tokens gives per-token advantages and returns, and the advantages
    are whitened over the batch;
 4. the clipped surrogate (symmetric clip 0.2, token-mean) plus VF_COEF × the clipped value loss, for PPO_EPOCHS
    passes of MINI_BATCHES optimizer steps; the first CRITIC_WARMUP_STEPS steps train the critic alone.
+
+PPO samples 128 completions per step where GRPO samples 24 × 8 = 192: with 64 prompts it learned about half as
+fast (held-out accuracy 0.56 -> 0.73 in 100 steps instead of 0.97).
 
 The constants are grpo.py's, in the same order, plus the "Critic" block. The group-only options (dynamic
 sampling, the replay buffer, the MDI reward) need GROUP_SIZE ≥ 2; SCALE_ADVANTAGE_BY_STD does not apply (GAE
@@ -42,8 +45,8 @@ from utils.model import (
     sync_rollout_model,
 )
 from utils.rewards import reward_weights_at, score_completions
-from utils.rl import explained_variance, gae, is_informative, overlong_loss_mask, token_rewards, whiten
-from utils.rollout import ReplayBuffer, collect_groups, concat_rollouts, generate, select_rows
+from utils.rl import explained_variance, gae, overlong_loss_mask, token_rewards, whiten
+from utils.rollout import ReplayBuffer, concat_rollouts, generate, sample_step
 from utils.plot_metrics import plot_run
 from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
@@ -73,7 +76,7 @@ TRAIN_SIZE = 100_000  # synthetic only: number of training examples
 EVAL_SAMPLES = 240  # held-out examples scored at each evaluation
 
 # ── Rollout ───────────────────────────────────────────────────────────────────────────────────────
-TRAIN_BATCH_PROMPTS = 64  # prompts (groups) per training batch
+TRAIN_BATCH_PROMPTS = 128  # prompts (groups) per training batch
 GROUP_SIZE = 1  # G: completions sampled per prompt
 MAX_NEW_TOKENS = 24  # L_max: completion length limit in tokens
 TEMPERATURE = 1.0  # sampling temperature (log-probs are computed at the same temperature)
@@ -243,28 +246,18 @@ def main(argv=None):
         # ── 1. Sample and score (as grpo.py; dynamic sampling and replay only with GROUP_SIZE >= 2) ──
         reward_weights = reward_weights_at(step, cfg["REWARD_SWITCH_STEP"], cfg["REWARD_WEIGHTS_EARLY"],
                                            regular_weights)
-        everything, groups, kept, rounds = collect_groups(
+        everything, train_groups, sampling = sample_step(
             lambda examples, n: sample_and_score(examples, n, reward_weights), prompts.next,
             cfg["TRAIN_BATCH_PROMPTS"], G, pad_id, sampling_mode, cfg["MAX_GEN_BATCHES"], cfg["MAX_DYNAMIC_SAMPLES"],
+            replay,
         )
-        train_groups = [select_rows(everything, groups[g]) for g in kept]  # one scored Rollout per group
-        n_replayed = 0
-        if replay is not None:  # stored informative groups stand in for flat (or missing) ones
-            train_groups, n_replayed = replay.swap_flat_groups(train_groups, cfg["TRAIN_BATCH_PROMPTS"])
         group_sizes = [len(g) for g in train_groups]
         generate_s, logprob_s, update_s = time.time() - t0, 0.0, 0.0
-        n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
-        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), "dapo/gen_batches": rounds,
-                   "dapo/train_groups": len(train_groups), "dapo/kept_group_frac": len(kept) / len(groups),
-                   "dapo/flat_group_frac": n_flat / len(groups)}
-        if sampling_mode == "topup":
-            metrics["dapo/topup_samples"] = len(everything) - G * len(groups)
-        if replay is not None:
-            metrics.update({"dapo/replayed_groups": n_replayed, "dapo/replay_buffer_size": len(replay)})
+        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), **sampling}
         # What the logs show if there is no update:
         batch, advantages, attention, vgr, weights = everything, torch.zeros(len(everything)), None, None, None
         if not train_groups:
-            run.warn(f"step {step}: no informative group in {len(groups)} sampled; no update this step")
+            run.warn(f"step {step}: no informative group sampled; no update this step")
         else:
             batch = concat_rollouts(train_groups, pad_id)
 

@@ -84,7 +84,7 @@ def one_step(args, policy, reference, optimizer, processor, examples, suppress, 
         D.SOFT_OVERLONG_PUNISHMENT, D.NEGATIVE_ACCURACY_REWARD))
     rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
     batch = select_rows(rollout, list(range(len(rollout))))  # every group kept
-    advantages = group_advantages(batch.rewards["total"], G, D.SCALE_ADVANTAGE_BY_STD)
+    advantages = group_advantages(batch.rewards["total"], [G] * args.prompts, D.SCALE_ADVANTAGE_BY_STD)
     loss_mask = overlong_loss_mask(batch.completion_mask.float(), batch.truncated)
     lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, args.micro_batch_size, D.TEMPERATURE)
     logp_old, ref_logp = timed("log-probs", lambda: (

@@ -22,7 +22,7 @@ STEPS = 40
 STAGES = ("early", "middle", "late", "all")
 
 
-def step_metrics(step, dapo, attention):
+def step_metrics(step, dapo, attention, critic=False):
     """One step's metrics from simple formulas; eval every 10 steps; a few nulls and absent policy/* keys."""
     t = step / STEPS
     m = {"step": step, "policy/lr": 5e-4 * (1 + math.cos(math.pi * t)) / 2,
@@ -42,21 +42,25 @@ def step_metrics(step, dapo, attention):
         m["response/length/mean"] = None
     if step % 10 == 0:
         m.update({"eval/accuracy": 0.56 + 0.008 * step, "eval/format": 1.0, "eval/accuracy/count": 0.56 + 0.008 * step})
+    if critic:
+        m.update({"critic/value_loss": 2.0 / step, "critic/explained_variance": min(0.9, 0.05 * step) - 0.1,
+                  "critic/values/mean": 3.0 * t, "critic/returns/mean": 3.0})
     if attention:
         for i, stage in enumerate(STAGES):
             m[f"attention/{stage}/mdi"] = (0.5 + i) * (1 + 0.02 * step) if step % 13 != 3 else None
     return m
 
 
-def make_run(root, name, dapo=True, attention=False, entropy_coef=0.0, tail=""):
+def make_run(root, name, dapo=True, attention=False, entropy_coef=0.0, tail="", critic=False):
     run_dir = os.path.join(root, name)
     os.makedirs(run_dir)
+    config = {"ENTROPY_COEF": entropy_coef, "TOTAL_STEPS": STEPS, "DYNAMIC_SAMPLING": dapo, "EVAL_EVERY": 10}
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({"ENTROPY_COEF": entropy_coef, "TOTAL_STEPS": STEPS, "DYNAMIC_SAMPLING": dapo, "EVAL_EVERY": 10}, f)
+        json.dump({**config, "VF_COEF": 0.5} if critic else config, f)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 0, "eval/accuracy": 0.56, "eval/format": 1.0, "eval/accuracy/count": 0.56}) + "\n")
         for step in range(1, STEPS + 1):
-            f.write(json.dumps(step_metrics(step, dapo, attention)) + "\n")
+            f.write(json.dumps(step_metrics(step, dapo, attention, critic)) + "\n")
         f.write(tail)
     return run_dir
 
@@ -145,6 +149,18 @@ def test_plot_run_writes_expected_files(dapo_run, grpo_run):
         assert os.path.dirname(path) == os.path.join(dapo_run, "plots")
         assert 10_000 <= os.path.getsize(path) <= 600_000
     assert not plt.get_fignums()  # plot_run closes its figures
+
+
+def test_a_ppo_run_shows_its_critic_and_is_compared_by_overlay(grpo_run, tmp_path):
+    ppo_run = make_run(tmp_path, "ppo_20260101_000000", dapo=False, critic=True)
+    path = str(tmp_path / "ppo.png")
+    fig = plot_dapo_metrics(ppo_run, path)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "Critic" in titles and not any(t.startswith("Dynamic sampling") for t in titles)
+    check_figure(fig, path)
+    written = plot_run(ppo_run, compare_dir=grpo_run)
+    assert [os.path.basename(p) for p in written] == ["training_metrics.png", "comparison.png"]
+    assert not plt.get_fignums()
 
 
 def test_cli_on_two_runs_writes_one_png(dapo_run, grpo_run, tmp_path):

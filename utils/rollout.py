@@ -234,3 +234,25 @@ class ReplayBuffer:
         flat = flat[: max(n_groups - len(fresh) - len(replayed), 0)]  # flat groups nothing could replace
         self.groups.extend(g for g in fresh if self.passes(g))
         return fresh + replayed + flat, len(replayed)
+
+
+def sample_step(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds, max_group_size,
+                replay=None):
+    """One training step's sampling: collect_groups (arguments as there), then, with a ReplayBuffer, its swaps.
+
+    Returns (everything: every completion sampled; train_groups: the groups to train on, one scored Rollout
+    each; metrics: the step's dapo/* sampling metrics).
+    """
+    everything, groups, kept, rounds = collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id,
+                                                      mode, max_rounds, max_group_size)
+    train_groups = [select_rows(everything, groups[g]) for g in kept]
+    n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
+    metrics = {"dapo/gen_batches": rounds, "dapo/kept_group_frac": len(kept) / len(groups),
+               "dapo/flat_group_frac": n_flat / len(groups)}
+    if mode == "topup":
+        metrics["dapo/topup_samples"] = len(everything) - group_size * len(groups)
+    if replay is not None:  # stored informative groups stand in for flat (or missing) ones
+        train_groups, n_replayed = replay.swap_flat_groups(train_groups, n_groups)
+        metrics.update({"dapo/replayed_groups": n_replayed, "dapo/replay_buffer_size": len(replay)})
+    metrics["dapo/train_groups"] = len(train_groups)
+    return everything, train_groups, metrics
