@@ -110,7 +110,7 @@ REPLAY_MAX_SUCCESS_RATE = 0.75  # ... and at most this fraction of correct compl
 OVERLONG_FILTERING = False  # bool; truncated completions get loss weight 0
 
 # ── Critic (PPO only) ─────────────────────────────────────────────────────────────────────────────
-CRITIC_SHARED_BACKBONE = False  # bool; True: value head on the policy's backbone; False: on a separate copy
+CRITIC_SHARED_BACKBONE = True  # bool; True: value head on the policy's backbone; False: on a separate copy
 VF_COEF = 0.5  # weight of the value loss in the optimised loss
 CRITIC_LEARNING_RATE = 5e-3  # AdamW peak for the critic (its head, and its copy of the model when not shared)
 CLIP_RANGE_VALUE = 0.2  # value clipping: V may move at most this far from V_old per rollout batch; 0 = off

@@ -153,16 +153,17 @@ def test_bad_override_fails_before_any_work(tmp_path):
 
 
 def test_ppo_two_steps(tmp_path):
-    """ppo.py with its defaults (one completion per prompt, a separate critic), one warm-up step."""
+    """ppo.py with its defaults (one completion per prompt, a critic on the policy's backbone), one warm-up step."""
     ppo_dir = run_trainer("ppo.py", tmp_path / "runs", "--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6",
                           "--CRITIC_WARMUP_STEPS=1")
     config, rows = check_run_folder(ppo_dir, "ppo.py")
-    assert config["KL_COEF"] > 0 and not config["CRITIC_SHARED_BACKBONE"]
+    assert config["KL_COEF"] > 0 and config["CRITIC_SHARED_BACKBONE"]
     for row in rows[1:]:
         for key in ("critic/value_loss", "critic/explained_variance", "critic/values/mean", "critic/returns/mean"):
             assert key in row and (row[key] is None or math.isfinite(row[key])), key
         assert row["critic/value_loss"] >= 0 and row["dapo/train_groups"] == 6
-        # Step 1 only trained the critic, so in both steps the rollout policy is still the reference: no KL.
+        # Step 1 trained only the critic's head (not the backbone it shares with the policy), so in both steps the
+        # rollout policy is still the reference: no KL.
         assert abs(row["reward/kl_penalty/mean"]) < 1e-6
     assert [r["critic/warmup"] for r in rows[1:]] == [1.0, 0.0]
     assert rows[1]["critic/values/mean"] == 0.0  # the value head starts at zero ...
