@@ -38,6 +38,7 @@ from utils.model import (
     default_dtype,
     load_model,
     load_processor,
+    load_trainable_model,
     make_rollout_model,
     resolve_devices,
     suppressed_token_ids,
@@ -155,13 +156,8 @@ def main(argv=None):
     if path == EMBEDDED_MODEL:
         path = ensure_tiny_vlm(cfg["MODEL_CACHE_DIR"], log)
     processor = load_processor(path, cfg["TRUST_REMOTE_CODE"])
-    policy = load_model(path, policy_device, default_dtype(policy_device), cfg["TRUST_REMOTE_CODE"])
-    if cfg["GRADIENT_CHECKPOINTING"]:
-        policy.gradient_checkpointing_enable()
-    if cfg["FREEZE_VISION_TOWER"]:
-        policy.model.visual.requires_grad_(False)
-        policy.model.visual.merger.requires_grad_(True)
-    policy.train()
+    policy = load_trainable_model(path, policy_device, cfg["TRUST_REMOTE_CODE"], cfg["GRADIENT_CHECKPOINTING"],
+                                  cfg["FREEZE_VISION_TOWER"])
     rollout_model = make_rollout_model(policy, rollout_device)
     reference = None
     if cfg["KL_BETA"] > 0:  # β = 0: no reference model at all

@@ -58,6 +58,19 @@ def load_model(path, device, dtype, trust_remote_code=False):
     return model.to(device)
 
 
+def load_trainable_model(path, device, trust_remote_code=False, gradient_checkpointing=False,
+                         freeze_vision_tower=False):
+    """load_model in the device's default dtype, in train mode; optionally with gradient checkpointing, and with
+    the vision tower frozen (its vision-language merger still trains)."""
+    model = load_model(path, device, default_dtype(device), trust_remote_code)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
+        model.model.visual.merger.requires_grad_(True)
+    return model.train()
+
+
 def resolve_devices(policy_device, rollout_device):
     """("auto", "auto") -> two GPUs: cuda:0 / cuda:1; one GPU: cuda:0 for both; none: cpu for both."""
     n_gpu = torch.cuda.device_count()
