@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from utils.logprobs import full_inputs
+from utils.logprobs import completion_hidden_states
 from utils.rollout import slice_inputs
 
 
@@ -23,15 +23,14 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, prompt_inputs, completion_ids, completion_mask, train_backbone=True):
-        """Values [b, L] (float32) of a batch: prompt_inputs [b, P] processor batch, completion_ids/mask [b, L].
-        train_backbone=False stops the gradient at the hidden states (only the head learns)."""
-        device = self.head.weight.device
-        inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
-        length = completion_ids.shape[1]
-        with torch.set_grad_enabled(train_backbone and torch.is_grad_enabled()):
-            hidden = self.backbone(**inputs, use_cache=False).last_hidden_state[:, -(length + 1) : -1]  # [b, L, H]
-        return self.head(hidden.float()).squeeze(-1)
+    def values(self, hidden):
+        """Values [b, L] (float32) from completion_hidden_states of the backbone, [b, L+1, H]. A policy that
+        shares the backbone passes the hidden states of its own forward pass, so both come from one pass."""
+        return self.head(hidden[:, :-1].float()).squeeze(-1)
+
+    def forward(self, prompt_inputs, completion_ids, completion_mask):
+        """Values [b, L] of a batch: prompt_inputs [b, P] processor batch, completion_ids/mask [b, L]."""
+        return self.values(completion_hidden_states(self.backbone, prompt_inputs, completion_ids, completion_mask))
 
     @torch.no_grad()
     def batched(self, prompt_inputs, completion_ids, completion_mask, micro_batch_size):

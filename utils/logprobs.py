@@ -20,23 +20,37 @@ def full_inputs(prompt_inputs, completion_ids, completion_mask):
     return inputs
 
 
+def completion_hidden_states(backbone, prompt_inputs, completion_ids, completion_mask):
+    """Final hidden states of the last L+1 positions of prompt + completion: position t predicts completion token
+    t (the last one predicts past the end). backbone: the decoder of a Qwen-VL model (`model.model`).
+
+    prompt_inputs: processor batch [b, P]; completion_ids, completion_mask: [b, L]. Returns [b, L+1, H].
+    """
+    device = next(backbone.parameters()).device
+    inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
+    return backbone(**inputs, use_cache=False).last_hidden_state[:, -(completion_ids.shape[1] + 1) :]
+
+
+def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_entropy=False):
+    """Log-prob of each completion token (and the exact entropy of each next-token distribution) from
+    completion_hidden_states: hidden [b, L+1, H], completion_ids [b, L]. Returns logp [b, L], entropy [b, L] or None.
+    Logits are divided by the sampling temperature so that log-probs are those of the sampling policy."""
+    logits = model.lm_head(hidden)[:, :-1].float() / temperature  # [b, L, V]; position t predicts token t
+    completion_ids = completion_ids.to(logits.device)
+    log_probs = torch.log_softmax(logits, -1)
+    logp = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
 def completion_logprobs(model, prompt_inputs, completion_ids, completion_mask, temperature=1.0, with_entropy=False):
     """Log-prob of each completion token under `model` (and the entropy of each next-token distribution).
 
     prompt_inputs: processor batch [b, P]; completion_ids, completion_mask: [b, L].
     Returns logp [b, L] and entropy [b, L] (or None). Gradients flow unless called under no_grad.
-    Logits are divided by the sampling temperature so that log-probs are those of the sampling policy.
     """
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
-    completion_ids = completion_ids.to(device)
-    length = completion_ids.shape[1]
-    logits = model(**inputs, use_cache=False, logits_to_keep=length + 1).logits  # [b, L+1, V]
-    logits = logits[:, :-1].float() / temperature  # position t predicts completion token t
-    log_probs = torch.log_softmax(logits, -1)
-    logp = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
-    return logp, entropy
+    hidden = completion_hidden_states(model.model, prompt_inputs, completion_ids, completion_mask)
+    return logprobs_from_hidden(model, hidden, completion_ids, temperature, with_entropy)
 
 
 @torch.no_grad()

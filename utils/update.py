@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from utils.logprobs import completion_logprobs
+from utils.logprobs import completion_hidden_states, logprobs_from_hidden
 from utils.rl import aggregate, clipped_surrogate, clipped_value_loss, k3_kl
 from utils.rollout import slice_inputs
 
@@ -20,11 +20,13 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
     Each mini-batch is one optimizer step; its loss is normalised by the mini-batch's total valid tokens
     (token level) or sequences (sample level), so splitting it into micro-batches does not change it.
     With a `critic` (PPO), VF_COEF × the clipped value loss against `returns` (token mean; values_old, returns:
-    [B, L]) is added. train_policy=False (critic warm-up) trains the critic alone: no policy loss, and a critic
-    that shares the policy's backbone trains only its head, so the policy does not move.
+    [B, L]) is added; a critic that shares the policy's backbone reads the hidden states of the policy's own
+    forward pass. train_policy=False (critic warm-up) trains the critic alone: no policy loss, and a shared critic
+    trains only its head (the policy's pass runs without gradients), so the policy does not move.
     A non-finite loss or gradient skips that optimizer step with a warning.
     """
     n = len(batch)
+    shared_critic = critic is not None and critic.backbone is policy.model
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats = {k: 0.0 for k in ("loss", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "kl",
                               "grad_norm")}
@@ -43,10 +45,10 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                 rows = mb_rows[start : start + micro_batch_size]
                 device = next(policy.parameters()).device
                 mask = loss_mask[rows].to(device)
-                inputs = slice_inputs(batch.prompt_inputs, rows)
+                inputs, ids = slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows]
                 with torch.set_grad_enabled(train_policy):
-                    logp, entropy = completion_logprobs(policy, inputs, batch.completion_ids[rows],
-                                                        batch.completion_mask[rows], temperature, with_entropy=True)
+                    hidden = completion_hidden_states(policy.model, inputs, ids, batch.completion_mask[rows])
+                    logp, entropy = logprobs_from_hidden(policy, hidden, ids, temperature, with_entropy=True)
                 adv = advantages[rows].to(device)  # [b] per sequence, or [b, L] per token (token weights, PPO)
                 adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
                 per_token, clipped_low, clipped_high, clipped_dual = clipped_surrogate(
@@ -58,8 +60,10 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                 mb_policy_loss += loss.item()
                 loss = loss if train_policy else 0.0
                 if critic is not None:
-                    values = critic(inputs, batch.completion_ids[rows], batch.completion_mask[rows],
-                                    train_backbone=train_policy or critic.backbone is not policy.model)
+                    if shared_critic:  # one forward pass of the shared backbone serves the policy and the critic
+                        values = critic.values(hidden)
+                    else:
+                        values = critic(inputs, ids, batch.completion_mask[rows])
                     value_loss, value_clipped = clipped_value_loss(values, values_old[rows].to(device),
                                                                    returns[rows].to(device), clip_range_value)
                     loss = loss + vf_coef * aggregate(value_loss, mask, "token", total_tokens, len(mb_rows))
