@@ -84,11 +84,6 @@ def overlong_loss_mask(mask, truncated):
     return mask * (~truncated).to(mask.dtype).unsqueeze(1)
 
 
-def masked_mean(values, mask):
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
 # ── PPO with a critic ────────────────────────────────────────────────────────────────────────────────────
 
 
