@@ -12,8 +12,8 @@ predicts, at every completion token, the reward still to come. Each step:
 4. the clipped surrogate (symmetric clip 0.2, token-mean) plus VF_COEF × the clipped value loss, for PPO_EPOCHS
    passes of MINI_BATCHES optimizer steps; the first CRITIC_WARMUP_STEPS steps train the critic alone.
 
-PPO samples 128 completions per step, a budget close to GRPO's 24 × 8 = 192. With 64 prompts it ended at the
-same held-out accuracy (0.967) but trailed early (0.738 at step 40 instead of 0.921).
+PPO samples 128 completions per step, a budget close to GRPO's 24 × 8 = 192. With 64 prompts it trailed
+(held-out accuracy 0.808 at step 40 instead of 0.958) and ended lower (0.954 instead of 0.979).
 
 The constants are grpo.py's, in the same order, plus the "Critic" block. The group-only options (dynamic
 sampling, the replay buffer, the MDI reward) need GROUP_SIZE ≥ 2; SCALE_ADVANTAGE_BY_STD does not apply (GAE
