@@ -35,9 +35,8 @@ from utils.evaluate import evaluate
 from utils.logprobs import batched_logprobs
 from utils.model import (
     EMBEDDED_MODEL,
-    default_dtype,
-    load_model,
     load_processor,
+    load_reference_model,
     load_trainable_model,
     make_rollout_model,
     resolve_devices,
@@ -48,6 +47,7 @@ from utils.rewards import reward_weights_at, score_completions
 from utils.rl import group_advantages, overlong_loss_mask
 from utils.rollout import ReplayBuffer, concat_rollouts, generate, sample_step
 from utils.plot_metrics import plot_run
+from utils.precision import inference_dtype, resolve_precision
 from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
 from utils.update import learning_rate_at, policy_update
@@ -58,6 +58,9 @@ MODEL_CACHE_DIR = ".cache"  # folder where the embedded tiny VLM is built once a
 TRUST_REMOTE_CODE = False  # bool; only for checkpoints whose code you trust
 POLICY_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; auto: cuda:0 if there is a GPU, else cpu
 ROLLOUT_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; reference + generation copy; auto: cuda:1 with 2 GPUs
+PRECISION = "auto"  # "auto" (GPU: bf16-mixed, CPU: fp32) | "bf16-mixed" (fp32 weights + AdamW, bf16 compute) | "fp32"
+MIN_PIXELS = 0  # fewest pixels per image after resizing; 0 = the processor's own (Qwen: 56·56)
+MAX_PIXELS = 0  # most pixels per image after resizing; 0 = the processor's own, at most 1280 visual tokens (1280·28·28)
 CPU_THREADS = 2  # torch threads on CPU; 0 = torch's default. Use 1 when another job shares the cores
 GRADIENT_CHECKPOINTING = False  # bool; trade compute for memory on large models
 FREEZE_VISION_TOWER = False  # bool; train only the language model (and the vision-language merger)
@@ -152,22 +155,24 @@ def main(argv=None):
 
     # ── Model, reference, rollout copy ──
     policy_device, rollout_device = resolve_devices(cfg["POLICY_DEVICE"], cfg["ROLLOUT_DEVICE"])
+    precision = resolve_precision(cfg["PRECISION"], policy_device)  # fp32 master weights; bf16 compute if mixed
     path = cfg["MODEL_NAME_OR_PATH"]
     if path == EMBEDDED_MODEL:
         path = ensure_tiny_vlm(cfg["MODEL_CACHE_DIR"], log)
-    processor = load_processor(path, cfg["TRUST_REMOTE_CODE"])
+    processor = load_processor(path, cfg["TRUST_REMOTE_CODE"], cfg["MIN_PIXELS"], cfg["MAX_PIXELS"])
     policy = load_trainable_model(path, policy_device, cfg["TRUST_REMOTE_CODE"], cfg["GRADIENT_CHECKPOINTING"],
                                   cfg["FREEZE_VISION_TOWER"])
-    rollout_model = make_rollout_model(policy, rollout_device)
+    rollout_model = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 copy if mixed
     reference = None
     if cfg["KL_BETA"] > 0:  # β = 0: no reference model at all
-        reference = load_model(path, rollout_device, default_dtype(rollout_device), cfg["TRUST_REMOTE_CODE"]).eval()
-        reference.requires_grad_(False)
+        reference = load_reference_model(path, rollout_device, inference_dtype(precision), cfg["TRUST_REMOTE_CODE"])
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg["LEARNING_RATE"],
                                   weight_decay=cfg["WEIGHT_DECAY"])
     suppress = suppressed_token_ids(processor.tokenizer)
     image_id = policy.config.image_token_id if cfg["ATTENTION_METRICS"] else None  # None: no attention metrics
-    log(f"policy on {policy_device}, rollout on {rollout_device}, reference: {'yes' if reference else 'none'}, "
+    log(f"policy on {policy_device} in {precision}, generation by "
+        f"{'the policy' if rollout_model is policy else f'a {inference_dtype(precision)} copy on {rollout_device}'}, "
+        f"reference: {'yes' if reference else 'none'}, "
         f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
 
     # ── Data ──
@@ -271,7 +276,7 @@ def main(argv=None):
                 clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], dual_clip=cfg["DUAL_CLIP_C"],
                 kl_beta=cfg["KL_BETA"], entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"],
                 epochs=cfg["PPO_EPOCHS"], mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
-                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], warn=run.warn,
+                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], precision=precision, warn=run.warn,
             )
             sync_rollout_model(policy, rollout_model)
             update_s = time.time() - t_up

@@ -6,14 +6,15 @@ import math
 import torch
 
 from utils.logprobs import completion_hidden_states, logprobs_from_hidden
+from utils.precision import autocast
 from utils.rl import aggregate, clipped_surrogate, clipped_value_loss, k3_kl
 from utils.rollout import slice_inputs
 
 
 def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, ref_logp=None, clip_low, clip_high,
                   kl_beta, entropy_coef, aggregation, epochs, mini_batches, micro_batch_size, max_grad_norm,
-                  temperature, dual_clip=0.0, critic=None, values_old=None, returns=None, vf_coef=0.0,
-                  clip_range_value=0.0, train_policy=True, warn=print):
+                  temperature, precision="fp32", dual_clip=0.0, critic=None, values_old=None, returns=None,
+                  vf_coef=0.0, clip_range_value=0.0, train_policy=True, warn=print):
     """Optimise the clipped surrogate (+ β·k3 − entropy bonus) on `batch`; returns mean statistics.
 
     advantages: [B] per sequence (broadcast over tokens) or [B, L] per token; logp_old, ref_logp, loss_mask: [B, L].
@@ -23,6 +24,10 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
     [B, L]) is added; a critic that shares the policy's backbone reads the hidden states of the policy's own
     forward pass. train_policy=False (critic warm-up) trains the critic alone: no policy loss, and a shared critic
     trains only its head (the policy's pass runs without gradients), so the policy does not move.
+    Forward passes run in `precision` (utils/precision.py: bf16 autocast over fp32 weights, or fp32); log-probs,
+    entropy and the loss are fp32. Also returns logp_mismatch: mean |logp_old − logp| over the valid tokens of
+    the first micro-batch, before any update — the numeric gap between the model that computed logp_old (the
+    rollout copy) and the trained policy; 0 when they are one fp32 model.
     A non-finite loss or gradient skips that optimizer step with a warning.
     """
     n = len(batch)
@@ -33,6 +38,7 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
     if critic is not None:
         stats.update(value_loss=0.0, value_clip_frac=0.0)
     counted_tokens, valid_tokens, updates, skipped = 0, 0, 0, 0
+    device = next(policy.parameters()).device
     generator = torch.Generator().manual_seed(0)
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator) if mini_batches > 1 else torch.arange(n)
@@ -43,12 +49,14 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
             mb_loss, mb_policy_loss = 0.0, 0.0  # the optimised loss, and its policy part
             for start in range(0, len(mb_rows), micro_batch_size):
                 rows = mb_rows[start : start + micro_batch_size]
-                device = next(policy.parameters()).device
                 mask = loss_mask[rows].to(device)
                 inputs, ids = slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows]
-                with torch.set_grad_enabled(train_policy):
+                with torch.set_grad_enabled(train_policy), autocast(precision, device):
                     hidden = completion_hidden_states(policy.model, inputs, ids, batch.completion_mask[rows])
                     logp, entropy = logprobs_from_hidden(policy, hidden, ids, temperature, with_entropy=True)
+                if "logp_mismatch" not in stats:  # the first micro-batch, before any optimizer step
+                    valid = batch.completion_mask[rows].to(device).bool()
+                    stats["logp_mismatch"] = (logp.detach() - logp_old[rows].to(device))[valid].abs().mean().item()
                 adv = advantages[rows].to(device)  # [b] per sequence, or [b, L] per token (token weights, PPO)
                 adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
                 per_token, clipped_low, clipped_high, clipped_dual = clipped_surrogate(
@@ -63,7 +71,8 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                     if shared_critic:  # one forward pass of the shared backbone serves the policy and the critic
                         values = critic.values(hidden)
                     else:
-                        values = critic(inputs, ids, batch.completion_mask[rows])
+                        with autocast(precision, device):
+                            values = critic(inputs, ids, batch.completion_mask[rows])
                     value_loss, value_clipped = clipped_value_loss(values, values_old[rows].to(device),
                                                                    returns[rows].to(device), clip_range_value)
                     loss = loss + vf_coef * aggregate(value_loss, mask, "token", total_tokens, len(mb_rows))
