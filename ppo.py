@@ -28,8 +28,7 @@ import torch
 from tqdm import tqdm
 
 from data import PromptSampler, load_datasets
-from utils.attention import (batch_metrics, mdi_reward, prompt_token_counts, sample_metrics, stage_layers,
-                             token_vgr, token_weight_metrics, token_weights)
+from utils.attention import attention_summary, mdi_reward, token_weight_metrics, token_weights
 from utils.config import apply_overrides, check_values, constants_of, format_config
 from utils.critic import Critic
 from utils.evaluate import evaluate
@@ -262,12 +261,10 @@ def main(argv=None):
             lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
                        cfg["TEMPERATURE"])
             logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)  # [B, L]
-            if image_id is not None:
-                logp_old, masses = logp_old  # masses: [layers, B, L, 4]
-                n_text, n_vision = prompt_token_counts(batch.prompt_inputs, image_id)  # [B] each
-                attention = sample_metrics(masses, batch.completion_mask, n_text, n_vision,
-                                           cfg["ATTENTION_EXCLUDE_SINK"])  # {stage: {metric: [B]}}
-                metrics.update(batch_metrics(attention, n_text, n_vision))
+            logp_old, masses = logp_old if image_id is not None else (logp_old, None)  # masses: [layers, B, L, 4]
+            attention, vgr, attention_log = attention_summary(masses, batch.prompt_inputs, batch.completion_mask,
+                                                              image_id, cfg["ATTENTION_EXCLUDE_SINK"], cfg["VGR_LAYERS"])
+            metrics.update(attention_log)
             ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
             values_old = critic.batched(*lp_args[:4], precision)  # [B, L]
             logprob_s = time.time() - t_lp
@@ -291,9 +288,6 @@ def main(argv=None):
                 "critic/explained_variance": explained_variance(values_old, returns, batch.completion_mask),
                 "reward/kl_penalty/mean": (rewards.sum(1) - batch.rewards["total"]).mean().item(),
             })
-            if image_id is not None:
-                vgr = token_vgr(masses, stage_layers(masses.shape[0])[cfg["VGR_LAYERS"]], n_text, n_vision,
-                                cfg["ATTENTION_EXCLUDE_SINK"])  # [B, L]
             if cfg["USE_TOKEN_WEIGHTS"]:
                 weights = token_weights(vgr, batch.completion_mask, cfg["TOKEN_WEIGHT_MIN"], cfg["TOKEN_WEIGHT_MAX"],
                                         cfg["TOKEN_WEIGHT_SMOOTHING"])  # [B, L], mean 1 per sequence
