@@ -16,8 +16,9 @@ keys are not copied per query head); left padding (the sink is the first *valid*
 
 Memory: the fp32 scores of all completion rows at once would be [B, heads, L, T] — 19 GB per layer call at a 7B
 shape (28 heads, batch 8, 4,096 completion + 1,100 prompt tokens). They are computed in chunks of query rows
-sized so that each chunk's transients (scores, mask, queries) stay under RECORD_BUDGET_BYTES; on top of that
-only an fp32 copy of the keys ([B, kv_heads, T, D]; none if they are fp32 already) and the [B, L, 4] result.
+sized so that the fp32 copy of the keys ([B, kv_heads, T, D]; none if they are fp32 already) and one chunk's
+transients (scores, mask, queries) stay under RECORD_BUDGET_BYTES, plus the [B, L, 4] result. (At least one
+row per chunk: past ~16k keys at that shape the keys alone exceed the budget.)
 """
 
 import torch
@@ -72,15 +73,16 @@ def completion_bucket_masses(query, key, attention_mask, scaling, first_row, n_r
 
     query [B, H, T, D]; key [B, H_kv, T, D] (H = H_kv·G: query head h reads key head h // G); attention_mask: the
     one sdpa got ([B, 1, T, T] bool or additive float) or None (sdpa's is_causal path: no padding); buckets
-    [B, T, 4] (key_buckets). softmax(q·kᵀ·scaling) in fp32, in chunks of rows (row_chunk). Fully masked rows
-    give 0.
+    [B, T, 4] (key_buckets). softmax(q·kᵀ·scaling) in fp32, in chunks of rows (row_chunk) sized so that the
+    fp32 keys and one chunk stay under budget_bytes. Fully masked rows give 0.
     """
     B, H, _, D = query.shape
     kv_heads, T = key.shape[1], key.shape[2]
     groups = H // kv_heads
     keys_t = key.float().transpose(-1, -2)  # [B, H_kv, D, T]
     out = torch.empty(B, n_rows, 4, device=query.device)
-    chunk = row_chunk(B, H, T, D, budget_bytes)
+    key_copy = 0 if key.dtype == torch.float32 else key.numel() * 4  # keys_t is a new tensor unless fp32
+    chunk = row_chunk(B, H, T, D, budget_bytes - key_copy)
     for start in range(0, n_rows, chunk):
         rows = slice(first_row + start, first_row + min(start + chunk, n_rows))
         n = rows.stop - rows.start
@@ -97,8 +99,8 @@ def completion_bucket_masses(query, key, attention_mask, scaling, first_row, n_r
         del blocked
         scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # softmax in place: one [B, H, n, T] buffer
         scores.div_(scores.sum(-1, keepdim=True)).nan_to_num_(0.0)  # fully masked rows: 0/0 -> 0
-        masses = torch.matmul(scores.view(B, H * n, T), buckets).view(B, H, n, 4)  # [B, H, n, 4]
-        out[:, start : start + n] = masses.mean(1)
+        out[:, start : start + n] = torch.matmul(scores.view(B, H * n, T), buckets).view(B, H, n, 4).mean(1)
+        del scores  # before the next chunk's scores are allocated, not after
     return out
 
 
