@@ -72,22 +72,30 @@ def parse_math(answer):
     return parsed if any(not isinstance(p, str) for p in parsed) else ()
 
 
-def gold_answer(solution):
-    """The answer of a solution (its marked answer, else the whole text), or None when it cannot be graded:
-    empty, a sentence with no marked answer, or (not a letter or a word) nothing math-verify can parse."""
+def solution_answer(solution):
+    """The answer of a solution (its marked answer, else the whole text) without parsing any math, or None when
+    it has none: empty, or a sentence with no marked answer. Letters come back bare (`(B).` -> `B`)."""
     if solution is None:
         return None
     text = str(solution).strip()
-    answer = extract_answer(text) or text.strip("$").strip().rstrip(".").strip()
+    marked = any(pattern.search(text) for pattern in ANSWER_PATTERNS)
+    answer = extract_answer(text) if marked else text.strip("$").strip().rstrip(".").strip()
     if not answer:
         return None
     kind = answer_kind(answer)
     if kind == "letter":
         return LETTER.fullmatch(answer).group(1)
-    if kind == "math":
-        prose = re.sub(r"\\[A-Za-z]+|\\text\{[^}]*\}", " ", answer)
-        if len(re.findall(r"[A-Za-z]{2,}", prose)) >= SENTENCE_WORDS or not parse_math(answer):
-            return None
+    prose = re.sub(r"\\text\{[^}]*\}|\\[A-Za-z]+", " ", answer)
+    if kind == "math" and len(re.findall(r"[A-Za-z]{2,}", prose)) >= SENTENCE_WORDS:
+        return None
+    return answer
+
+
+def gold_answer(solution):
+    """solution_answer, or None also when it is not a letter or a word and math-verify cannot parse it."""
+    answer = solution_answer(solution)
+    if answer is not None and answer_kind(answer) == "math" and not parse_math(answer):
+        return None
     return answer
 
 
