@@ -5,6 +5,7 @@ import os
 import random
 
 from data.hf import VQADataset
+from data.prompts import encode_prompts
 from data.synthetic import SyntheticVQA
 
 
@@ -89,13 +90,14 @@ def usable_example(dataset, index, check=None):
 class PromptSampler:
     """Draws prompts without replacement, reshuffling at each pass over the data (deterministic from seed).
 
-    check(example) raises for an example the run cannot use (e.g. the processor rejects it): such examples,
-    and those that fail to decode, are skipped for the rest of the run, counted (`skipped`) and named by `warn`.
+    Each drawn example is decoded and, given a `processor`, encoded alone: one that fails (an image that does not
+    decode, one the processor rejects) is skipped for the rest of the run, counted (`skipped`) and named by `warn`.
     """
 
-    def __init__(self, dataset, seed, check=None, warn=print):
+    def __init__(self, dataset, seed, processor=None, warn=print):
         self.dataset, self.rng, self.order, self.position = dataset, random.Random(seed), [], 0
-        self.check, self.warn, self.bad = check, warn, set()
+        self.check = (lambda example: encode_prompts(processor, [example])) if processor is not None else None
+        self.warn, self.bad = warn, set()
 
     @property
     def skipped(self):

@@ -56,13 +56,12 @@ def chat_messages(problem, n_images=1, system_prompt=SYSTEM_PROMPT):
 
 def prompt_texts(processor, examples):
     """The chat-templated prompt string of each example, ending with the assistant turn's opening."""
-    return [
-        processor.apply_chat_template(
-            chat_messages(ex["problem"], len(images_of(ex)), ex.get("system_prompt") or system_prompt_for(ex["solution"])),
-            tokenize=False, add_generation_prompt=True,
-        )
-        for ex in examples
-    ]
+    texts = []
+    for ex in examples:
+        system = ex.get("system_prompt") or system_prompt_for(ex["solution"])
+        messages = chat_messages(ex["problem"], len(images_of(ex)), system)
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return texts
 
 
 def encode_prompts(processor, examples):
@@ -106,7 +105,8 @@ def image_token_count(width, height, limits):
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
