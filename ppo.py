@@ -207,6 +207,7 @@ def main(argv=None):
         max_objects=cfg["MAX_OBJECTS"], shuffle_options=cfg["SHUFFLE_OPTIONS"], log=log,
         keys={"image": cfg["IMAGE_KEY"], "problem": cfg["PROBLEM_KEY"], "solution": cfg["ANSWER_KEY"]},
         system_prompt=cfg["SYSTEM_PROMPT"], processor=processor, max_prompt_tokens=cfg["MAX_PROMPT_TOKENS"],
+        warn=run.warn,
     )
     prompts = PromptSampler(train_data, cfg["SEED"], processor, warn=run.warn)  # skips rows that fail on use
     G = cfg["GROUP_SIZE"]

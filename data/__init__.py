@@ -40,13 +40,13 @@ class WithSystemPrompt:
 
 def load_datasets(dataset, eval_dataset, train_split, eval_split, train_size, eval_size, seed, kinds, image_size,
                   max_objects, shuffle_options, log=print, keys=None, system_prompt="auto", processor=None,
-                  max_prompt_tokens=0):
+                  max_prompt_tokens=0, warn=None):
     """(training set, held-out set).
 
     `dataset` = "synthetic" (built in; train_size / eval_size examples, split by seed stream) or a HF source:
     hub name, save_to_disk folder, .parquet, .jsonl. The held-out set is `eval_dataset` when given, else the
     `eval_split` of `dataset` — which must then have named splits, or training rows would be scored as held out.
-    keys, system_prompt, processor, max_prompt_tokens: see VQADataset (the synthetic task needs none of them).
+    keys, system_prompt, processor, max_prompt_tokens, warn: see VQADataset (the synthetic task needs none of them).
     """
     if dataset == "synthetic" and not eval_dataset:
         make = lambda split, size: SyntheticVQA(size, seed=seed, split=split, kinds=tuple(kinds),  # noqa: E731
@@ -66,7 +66,7 @@ def load_datasets(dataset, eval_dataset, train_split, eval_split, train_size, ev
         raise ValueError(f"{dataset} holds a single split, so held-out rows would be training rows; name a "
                          f"held-out set with --EVAL_DATASET=PATH")
     options = dict(log=log, keys=keys, processor=processor, max_prompt_tokens=max_prompt_tokens,
-                   system_prompt=system_prompt)
+                   system_prompt=system_prompt, warn=warn)
     return VQADataset(dataset, train_split, **options), VQADataset(eval_dataset or dataset, eval_split, **options)
 
 

@@ -144,10 +144,12 @@ class VQADataset:
     keys: {"image", "problem", "solution"} column choices (see resolve_columns). With a `processor`, rows whose
     images it would reject or whose prompt is longer than `max_prompt_tokens` (0 = no limit) are skipped too.
     system_prompt: "auto" (chosen per row from its answer) or a fixed instruction, carried by every example.
+    warn(message) names each skipped row (default: a Python warning).
     """
 
     def __init__(self, source, split="train", log=print, keys=None, processor=None, max_prompt_tokens=0,
-                 system_prompt="auto"):
+                 system_prompt="auto", warn=None):
+        warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
         self.rows, columns, self.base_dir = read_rows(source, split)
         self.source, self.split, self.system_prompt = source, split, system_prompt
         self.columns = resolve_columns(columns, keys)
@@ -163,7 +165,7 @@ class VQADataset:
                 self.valid.append(i)
             except (ValueError, OSError) as e:  # PIL raises OSError subclasses for unreadable files
                 skipped.append(i)
-                warnings.warn(f"{self.row_name(i)}: {e}; skipped", stacklevel=2)
+                warn(f"{self.row_name(i)}: {e}; skipped")
         self.skipped = len(skipped)
         if not self.valid:
             raise ValueError(
@@ -172,7 +174,7 @@ class VQADataset:
                 f"({self.columns['solution']!r}) and readable images"
             )
         if skipped:
-            log(f"{source} ({split}): {len(self.valid)} usable rows, {self.skipped} skipped (see warnings above)")
+            log(f"{source} ({split}): {len(self.valid)} usable rows, {self.skipped} skipped (named above)")
 
     def row_name(self, row):
         return f"row {row} of {self.source} ({self.split})"
