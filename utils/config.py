@@ -134,7 +134,8 @@ def check_values(config, min_group_size=2):
 
 
 def check_paths(config):
-    """ValueError for a model or data path that looks local but does not exist (hub names are left to the hub)."""
+    """ValueError for a model or data path that looks local but does not exist (hub names are left to the hub), or
+    a local model folder of a type the trainers do not support."""
     from data import check_source
 
     model = config.get("MODEL_NAME_OR_PATH", "")
@@ -142,6 +143,10 @@ def check_paths(config):
     if model and model != "embedded-tiny-vlm" and looks_local and not os.path.exists(model):
         raise ValueError(f"MODEL_NAME_OR_PATH={model!r}: no such folder (and not a hub name like "
                          f"'Qwen/Qwen2.5-VL-3B-Instruct')")
+    if model and os.path.isdir(model):  # a local checkpoint: is it a model type the trainers support?
+        from utils.model import model_class_for
+
+        model_class_for(model, config.get("TRUST_REMOTE_CODE", False))
     if config.get("DATASET", "synthetic") != "synthetic":
         check_source(config["DATASET"], "DATASET")
     if config.get("EVAL_DATASET") and config["EVAL_DATASET"] != "synthetic":
