@@ -13,6 +13,7 @@ THINK = "<think>reasoning</think>"
 @pytest.mark.parametrize("completion, solution, right", [
     # letters (multiple choice): exact, case-insensitive, brackets and a full stop allowed
     ("Answer: B", "B", True), ("Answer: (b).", "B", True), ("Answer: C", "B", False), ("Answer: BC", "B", False),
+    ("Answer: (B) 2", "B", True), ("Answer: B. two", "B", True), ("Answer: Blue", "B", False),
     ("<answer>D</answer>", "\\boxed{D}", True), ("\\boxed{A}", "(A)", True),
     # integers, negatives, decimals
     ("Answer: 24", "24", True), ("Answer: 24.0", "24", True), ("Answer: 25", "24", False),

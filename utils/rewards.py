@@ -3,7 +3,8 @@
 Answers: the last `Answer: X`, `<answer>X</answer>` or `\\boxed{X}` of a completion (or of a solution). A
 solution's answer is one of three kinds, and the accuracy reward compares by kind:
 
-* a letter (multiple choice: `B`, `(B)`, `B.`): the completion's answer must be that letter (case-insensitive);
+* a letter (multiple choice: `B`, `(B)`, `B.`): the completion's answer must be, or start with, that letter as an
+  option (`B`, `(B) 2`, `B. two`; not `Blue`), case-insensitive;
 * a word (`yes`, `cylinder`): the same word, case-insensitive;
 * anything else (integers, decimals, negatives, fractions, LaTeX): mathematical equivalence, graded by
   math-verify (as TRL and R1-V do) with a time limit per call, so a pathological expression cannot hang a step.
@@ -16,6 +17,7 @@ FORMAT_PATTERN = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)
 ANSWER_PATTERNS = (re.compile(r"<answer>(.*?)</answer>", re.DOTALL), re.compile(r"Answer:[ \t]*([^\n]*)"),
                    re.compile(r"\\boxed\{"))
 LETTER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
+LETTER_FIRST = re.compile(r"\(?([A-Za-z])(?:\)|[.:]|\s|$)")  # "B", "(B) 2", "B. two": the chosen option's letter
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 SENTENCE_WORDS = 3  # a text with this many words of two or more letters is a sentence, not an answer
 MATH_TIMEOUT_S = 3  # seconds per math-verify call (parsing, comparing)
@@ -105,7 +107,7 @@ def is_correct(answer, gold):
         return False
     kind = answer_kind(gold)
     if kind == "letter":
-        found = LETTER.fullmatch(answer)
+        found = LETTER_FIRST.match(answer)
         return bool(found) and found.group(1).upper() == LETTER.fullmatch(gold).group(1).upper()
     if kind == "word":
         return answer.lower() == gold.lower()
