@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from utils.distributed import all_reduce_max, all_reduce_sum, grad_norm_value
 from utils.logprobs import completion_hidden_states, logprobs_from_hidden
 from utils.rl import aggregate, clipped_surrogate, clipped_value_loss, k3_kl
 from utils.rollout import slice_inputs
@@ -13,7 +14,7 @@ from utils.rollout import slice_inputs
 def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, ref_logp=None, clip_low, clip_high,
                   kl_beta, entropy_coef, aggregation, epochs, mini_batches, micro_batch_size, max_grad_norm,
                   temperature, dual_clip=0.0, critic=None, values_old=None, returns=None, vf_coef=0.0,
-                  clip_range_value=0.0, train_policy=True, warn=print):
+                  clip_range_value=0.0, train_policy=True, batch_is_padding=False, warn=print):
     """Optimise the clipped surrogate (+ β·k3 − entropy bonus) on `batch`; returns mean statistics.
 
     advantages: [B] per sequence (broadcast over tokens) or [B, L] per token; logp_old, ref_logp, loss_mask: [B, L].
@@ -24,6 +25,10 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
     forward pass. train_policy=False (critic warm-up) trains the critic alone: no policy loss, and a shared critic
     trains only its head (the policy's pass runs without gradients), so the policy does not move.
     A non-finite loss or gradient skips that optimizer step with a warning.
+    Under torchrun (utils/distributed.py) `batch` is this rank's share of the global batch: the normalisers are
+    the global counts of each mini-batch, every rank runs as many micro-batch passes as the busiest one (the
+    extra ones with zero weight), and the statistics are global. batch_is_padding: this rank has nothing to train
+    on this step (dynamic sampling left it no informative group); it runs its passes on `batch` with zero weight.
     """
     n = len(batch)
     shared_critic = critic is not None and critic.backbone is policy.model
@@ -36,15 +41,19 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
     generator = torch.Generator().manual_seed(0)
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator) if mini_batches > 1 else torch.arange(n)
-        for mb_rows in order.chunk(mini_batches):
+        for mb_rows in order.tensor_split(mini_batches):
             mb_rows = mb_rows.tolist()
-            total_tokens = int(loss_mask[mb_rows].sum())
+            own_tokens = 0 if batch_is_padding else int(loss_mask[mb_rows].sum())
+            total_tokens, total_sequences = all_reduce_sum([own_tokens, 0 if batch_is_padding else len(mb_rows)])
+            n_micro = all_reduce_max(math.ceil(len(mb_rows) / micro_batch_size))  # FSDP: equal passes on all ranks
             optimizer.zero_grad(set_to_none=True)
             mb_loss, mb_policy_loss = 0.0, 0.0  # the optimised loss, and its policy part
-            for start in range(0, len(mb_rows), micro_batch_size):
+            for start in range(0, n_micro * micro_batch_size, micro_batch_size):
                 rows = mb_rows[start : start + micro_batch_size]
+                weight = 0.0 if batch_is_padding or not rows else 1.0  # 0: a pass that only joins the collectives
+                rows = rows or [0]
                 device = next(policy.parameters()).device
-                mask = loss_mask[rows].to(device)
+                mask = loss_mask[rows].to(device) * weight
                 inputs, ids = slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows]
                 with torch.set_grad_enabled(train_policy):
                     hidden = completion_hidden_states(policy.model, inputs, ids, batch.completion_mask[rows])
@@ -56,7 +65,7 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                 )
                 kl = k3_kl(logp, ref_logp[rows].to(device)) if ref_logp is not None else torch.zeros_like(logp)
                 per_token = per_token + kl_beta * kl - entropy_coef * entropy
-                loss = aggregate(per_token, mask, aggregation, total_tokens, len(mb_rows))
+                loss = aggregate(per_token, mask, aggregation, total_tokens, total_sequences)
                 mb_policy_loss += loss.item()
                 loss = loss if train_policy else 0.0
                 if critic is not None:
@@ -66,14 +75,14 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                         values = critic(inputs, ids, batch.completion_mask[rows])
                     value_loss, value_clipped = clipped_value_loss(values, values_old[rows].to(device),
                                                                    returns[rows].to(device), clip_range_value)
-                    loss = loss + vf_coef * aggregate(value_loss, mask, "token", total_tokens, len(mb_rows))
+                    loss = loss + vf_coef * aggregate(value_loss, mask, "token", total_tokens, total_sequences)
                     with torch.no_grad():
                         stats["value_loss"] += (value_loss * mask).sum().item()
                         stats["value_clip_frac"] += (value_clipped.float() * mask).sum().item()
                 loss.backward()
                 mb_loss += loss.item()
                 with torch.no_grad():  # token-weighted sums; divided by the token counts at the end
-                    m, valid = mask.float(), batch.completion_mask[rows].to(device).float()
+                    m, valid = mask.float(), batch.completion_mask[rows].to(device).float() * weight
                     stats["entropy"] += (entropy * valid).sum().item()  # over every valid token
                     valid_tokens += valid.sum().item()
                     stats["clip_frac_low"] += (clipped_low.float() * m).sum().item()
@@ -81,7 +90,8 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                     stats["clip_frac_dual"] += (clipped_dual.float() * m).sum().item()
                     stats["kl"] += (kl * m).sum().item()
             counted_tokens += total_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            mb_loss, mb_policy_loss = all_reduce_sum([mb_loss, mb_policy_loss])
+            grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             if not (math.isfinite(mb_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -91,6 +101,9 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
             stats["loss"] += mb_policy_loss
             stats["grad_norm"] += grad_norm
             updates += 1
+    summed = [k for k in stats if k not in ("loss", "grad_norm")]  # this rank's sums; loss, grad_norm are global
+    *totals, valid_tokens = all_reduce_sum([stats[k] for k in summed] + [valid_tokens])
+    stats.update(zip(summed, totals))
     stats["entropy"] /= max(valid_tokens, 1)
     for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "kl", "value_loss", "value_clip_frac"):
         if k in stats:  # means over the tokens that carry loss
