@@ -46,6 +46,12 @@ def parity(world, out, inputs):
         state = gather_full_state_dict(model)
         if world.is_main:
             torch.save({"state": state, "stats": stats}, os.path.join(out, f"parity_{aggregation}.pt"))
+    # An untied lm_head (as in Qwen2.5-VL-7B) is one more parameter of the root unit.
+    untied, stats_untied = sharded_sgd_step(inputs["untied_path"], batch, inputs["advantages"][rows],
+                                            inputs["logp_old_untied"][rows], "token", micro_batch_size=2)
+    untied_state = gather_full_state_dict(untied)
+    if world.is_main:
+        torch.save({"state": untied_state, "stats": stats_untied}, os.path.join(out, "parity_untied.pt"))
     # The consolidated checkpoint and the generation copy come from the same gathered weights.
     if world.is_main:
         model.save_pretrained(os.path.join(out, "checkpoint"), state_dict=state, safe_serialization=True)
@@ -54,7 +60,6 @@ def parity(world, out, inputs):
     if world.rank == 1:
         torch.save({k: v.float() for k, v in copy.state_dict().items()}, os.path.join(out, "generation_copy.pt"))
     # bf16 compute, fp32 master weights: every parameter still receives a gradient and moves.
-    before = gather_full_state_dict(model, to_all_ranks=True)
     model, stats = sharded_sgd_step(inputs["path"], batch, inputs["advantages"][rows], inputs["logp_old"][rows],
                                     "token", micro_batch_size=2, precision="bf16-mixed", optimizer="adamw")
     after = gather_full_state_dict(model, to_all_ranks=True)
@@ -62,7 +67,7 @@ def parity(world, out, inputs):
         fresh = load_model(inputs["path"], "cpu", torch.float32).state_dict()
         moved = {k: bool((after[k] != fresh[k]).any()) for k in after}
         dtypes = {str(p.dtype) for p in model.parameters()}
-        torch.save({"moved": moved, "stats": stats, "dtypes": dtypes, "n_before": len(before)},
+        torch.save({"moved": moved, "stats": stats, "dtypes": dtypes},
                    os.path.join(out, "bf16.pt"))
 
 

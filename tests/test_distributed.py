@@ -48,6 +48,14 @@ def torchrun_results(tiny_vlm_path, tmp_path_factory):
     inputs = {"path": tiny_vlm_path, "batch": batch, "logp_old": logp_old,
               "advantages": torch.linspace(-1.0, 2.0, len(batch)),
               "rows": {0: list(range(9)), 1: list(range(9, 12))}}  # uneven: 3 groups and 1 group
+    untied = load_model(tiny_vlm_path, "cpu", torch.float32)  # as Qwen2.5-VL-7B: lm_head not tied to the embedding
+    untied.config.tie_word_embeddings = untied.config.text_config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach() * 1.1)
+    untied.save_pretrained(folder / "untied")
+    load_processor(tiny_vlm_path).save_pretrained(folder / "untied")
+    inputs["untied_path"] = str(folder / "untied")
+    inputs["logp_old_untied"] = batched_logprobs(untied, batch.prompt_inputs, batch.completion_ids,
+                                                 batch.completion_mask, 12)
     torch.save(inputs, folder / "inputs.pt")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -72,6 +80,17 @@ def test_two_sharded_ranks_step_like_one_process(torchrun_results, aggregation):
     assert max_difference(expected, fresh) > 1e-3  # the step moved the parameters
     for k in ("loss", "entropy", "grad_norm", "clip_frac_low", "clip_frac_high"):
         assert got["stats"][k] == pytest.approx(expected_stats[k], rel=1e-5, abs=1e-7), k
+
+
+def test_an_untied_lm_head_is_sharded_and_trained_too(torchrun_results):
+    folder, inputs = torchrun_results
+    model = load_model(inputs["untied_path"], "cpu", torch.float32)
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
+    expected, _ = one_process_step(inputs["untied_path"], inputs["batch"], inputs["advantages"],
+                                   inputs["logp_old_untied"], "token")
+    got = torch.load(folder / "parity_untied.pt", weights_only=False)
+    assert "lm_head.weight" in got["state"] and max_difference(got["state"], expected) < 1e-5
+    assert (got["state"]["lm_head.weight"] != model.lm_head.weight).any()
 
 
 def test_checkpoint_and_generation_copy_hold_the_gathered_weights(torchrun_results):
