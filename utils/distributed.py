@@ -54,6 +54,12 @@ def init_distributed():
     return World(rank, world_size, local_rank, device)
 
 
+def close_distributed():
+    """Leave the process group at the end of a run (nothing to do in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -102,9 +108,9 @@ def all_gather_counts(count):
 
 
 def rank_share(items, world):
-    """This rank's share of a list (every world_size-th item from its rank on): prompts per round, eval examples.
-    Shares differ by at most one item."""
-    return items[world.rank :: world.world_size]
+    """This rank's share of a sequence (a list or a dataset; every world_size-th item from its rank on), as a
+    list: e.g. the held-out examples each rank evaluates. Shares differ by at most one item."""
+    return [items[i] for i in range(world.rank, len(items), world.world_size)]
 
 
 def prompts_per_rank(n_prompts, world):
