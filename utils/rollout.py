@@ -182,7 +182,8 @@ def concat_rollouts(rollouts, pad_token_id):
     )
 
 
-def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds=1, max_group_size=0):
+def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds=1, max_group_size=0,
+                   quota=None):
     """Sample the groups of one training step.
 
     mode "all": one round of `n_groups` prompts × G completions; every group is trained on (GRPO, PPO).
@@ -191,6 +192,10 @@ def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mod
     mode "topup" (the seeds' per-prompt variant): one round; then each flat group gets one more completion at
         a time (all such groups in one generation round) until it is informative or has `max_group_size`
         completions. Groups still flat are dropped.
+    Under torchrun each rank calls this with its share of the prompts as `n_groups`, and for "refill" with
+    `quota` = utils.distributed.global_group_quota(...): a callable mapping this rank's number of informative
+    groups to (whether all ranks together have the global batch's, how many of them this rank keeps), so that
+    the rounds go on until the *global* count is reached (or max_rounds) on every rank alike.
 
     sample(examples, n) -> a scored Rollout with n completions per example; draw_prompts(k) -> k examples.
     Returns (everything: every completion sampled, as one Rollout; groups: the rows of each group in
@@ -211,12 +216,15 @@ def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mod
     def informative(rows):
         return is_informative(torch.tensor([accuracy[r] for r in rows]))
 
-    groups, kept = [], []
+    groups, kept, keep = [], [], n_groups
     if mode == "refill":
-        while len(kept) < n_groups and n_rounds < max_rounds:
+        quota = quota or (lambda n_kept: (n_kept >= n_groups, n_groups))  # -> (batch full?, groups to keep)
+        full = False
+        while not full and n_rounds < max_rounds:
             new = sample_round(draw_prompts(n_groups), group_size)
             kept += [len(groups) + i for i, rows in enumerate(new) if informative(rows)]
             groups += new
+            full, keep = quota(len(kept))
     elif mode in ("all", "topup"):
         groups = sample_round(draw_prompts(n_groups), group_size)
         while mode == "topup":
@@ -228,7 +236,7 @@ def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mod
         kept = [g for g, rows in enumerate(groups) if mode == "all" or informative(rows)]
     else:
         raise ValueError(f"sampling mode must be 'all', 'refill' or 'topup', got {mode!r}")
-    return concat_rollouts(parts, pad_token_id), groups, kept[:n_groups], n_rounds
+    return concat_rollouts(parts, pad_token_id), groups, kept[:keep], n_rounds
 
 
 class ReplayBuffer:
@@ -265,14 +273,14 @@ class ReplayBuffer:
 
 
 def sample_step(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds, max_group_size,
-                replay=None):
+                replay=None, quota=None):
     """One training step's sampling: collect_groups (arguments as there), then, with a ReplayBuffer, its swaps.
 
     Returns (everything: every completion sampled; train_groups: the groups to train on, one scored Rollout
     each; metrics: the step's dapo/* sampling metrics).
     """
     everything, groups, kept, rounds = collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id,
-                                                      mode, max_rounds, max_group_size)
+                                                      mode, max_rounds, max_group_size, quota)
     train_groups = [select_rows(everything, groups[g]) for g in kept]
     n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
     metrics = {"dapo/gen_batches": rounds, "dapo/kept_group_frac": len(kept) / len(groups),
