@@ -251,3 +251,14 @@ def token_weight_metrics(weights, mask):
     w = weights[mask.bool()]
     return {"policy/token_weight_mean": w.mean().item(), "policy/token_weight_std": w.std().item(),
             "policy/token_weight_min": w.min().item(), "policy/token_weight_max": w.max().item()}
+
+
+def attention_summary(masses, prompt_inputs, completion_mask, image_token_id, exclude_sink=True, vgr_layers="late"):
+    """Everything the trainers take from a batch's bucket masses: (per-sample metrics {stage: {metric: [B]}},
+    VGR [B, L] over the `vgr_layers` stage, the batch's `attention/*` metrics). (None, None, {}) without masses."""
+    if masses is None:
+        return None, None, {}
+    n_text, n_vision = prompt_token_counts(prompt_inputs, image_token_id)  # [B] each
+    per_sample = sample_metrics(masses, completion_mask, n_text, n_vision, exclude_sink)
+    vgr = token_vgr(masses, stage_layers(masses.shape[0])[vgr_layers], n_text, n_vision, exclude_sink)
+    return per_sample, vgr, batch_metrics(per_sample, n_text, n_vision)

@@ -76,11 +76,13 @@ def format_config(config):
 
 
 CHOICES = {"LOSS_AGGREGATION": ("token", "sample"), "LR_SCHEDULE": ("constant", "cosine"),
-           "VGR_LAYERS": ("early", "middle", "late", "all"), "DYNAMIC_SAMPLING_MODE": ("refill", "topup")}
+           "VGR_LAYERS": ("early", "middle", "late", "all"), "DYNAMIC_SAMPLING_MODE": ("refill", "topup"),
+           "PRECISION": ("auto", "bf16-mixed", "fp32")}
 AT_LEAST = {"GROUP_SIZE": 1, "TRAIN_BATCH_PROMPTS": 1, "TOTAL_STEPS": 1, "MAX_GEN_BATCHES": 1, "PPO_EPOCHS": 1,
             "MINI_BATCHES": 1, "MICRO_BATCH_SIZE": 1, "MAX_NEW_TOKENS": 1, "EVAL_EVERY": 1, "EVAL_SAMPLES": 1,
             "REPLAY_BUFFER_SIZE": 0, "REWARD_SWITCH_STEP": 0, "CRITIC_WARMUP_STEPS": 0, "VF_COEF": 0.0,
-            "CLIP_RANGE_VALUE": 0.0, "KL_COEF": 0.0}
+            "CLIP_RANGE_VALUE": 0.0, "KL_COEF": 0.0,
+            "MIN_PIXELS": 0, "MAX_PIXELS": 0}
 REWARD_NAMES = ("accuracy", "format", "mdi")
 
 
