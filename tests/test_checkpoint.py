@@ -105,6 +105,7 @@ def test_keep_newest_checkpoints_and_drop_half_written_ones(tmp_path):
 
 
 def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    tmp_path = tmp_path / "dapo_20260101_000000"
     save(tmp_path, 2)
 
     def killed(tmp, final, step):
@@ -134,6 +135,8 @@ def test_find_resume_checkpoint_auto(tmp_path):
     save(tmp_path / "grpo_20260103_000000", 2)
     os.utime(old, (1, 1))
     assert ck.find_resume_checkpoint("auto", str(tmp_path), "dapo") == str(new / "checkpoints" / "step_1")
+    with pytest.raises(ValueError, match="not a run of grpo.py"):
+        ck.find_resume_checkpoint(str(old), str(tmp_path), "grpo")
 
 
 def test_resumed_config_allows_scheduling_and_refuses_math(tmp_path):
@@ -163,7 +166,8 @@ def test_runlog_resume_drops_what_came_after_the_checkpoint(tmp_path):
     resumed = RunLog("unused", "dapo", {"TOTAL_STEPS": 6}, str(script), resume=(run.dir, 2))
     assert resumed.dir == run.dir
     assert [json.loads(line)["step"] for line in open(resumed.metrics_path)] == [0, 1, 2]
-    assert open(os.path.join(run.dir, "token_weights.md")).read() == "# Title\n\n## Step 1\n\ntext 1\n\n## Step 2\n\ntext 2\n\n"
+    kept = "# Title\n\n## Step 1\n\ntext 1\n\n## Step 2\n\ntext 2\n\n"
+    assert open(os.path.join(run.dir, "token_weights.md")).read() == kept
     assert json.load(open(os.path.join(run.dir, "config.json"))) == {"TOTAL_STEPS": 6}
     terminal = open(os.path.join(run.dir, "run_terminal.md")).read()
     assert "### Step 3" in terminal and "## Resumed after step 2" in terminal  # the terminal log keeps its history

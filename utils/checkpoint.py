@@ -162,6 +162,10 @@ def find_resume_checkpoint(resume, runs_dir, algo):
             raise ValueError(f"RESUME='auto': no {algo}_* run folder with checkpoints in {runs_dir}; "
                              f"start a new run with --RESUME=''")
         resume = runs[-1]
+    run_name = os.path.basename(run_dir_of(resume) if checkpoint_step(resume) is not None else os.path.normpath(resume))
+    if not run_name.startswith(f"{algo}_"):
+        raise ValueError(f"RESUME={resume}: not a run of {algo}.py (its folder is {run_name}); resume it with the "
+                         f"trainer that started it")
     if checkpoint_step(resume) is not None:
         if not os.path.isfile(os.path.join(resume, MARKER)):
             raise ValueError(f"RESUME={resume}: this checkpoint is incomplete (no {MARKER} file: the run was killed "
