@@ -125,18 +125,20 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2", "step_6"]
 
 
-def test_find_resume_checkpoint_auto(tmp_path):
+def test_find_resume_checkpoint_auto(tmp_path, capsys):
     assert ck.find_resume_checkpoint("", str(tmp_path), "dapo") is None
-    with pytest.raises(ValueError, match="no dapo_\\* run folder"):
-        ck.find_resume_checkpoint("auto", str(tmp_path), "dapo")
+    assert ck.find_resume_checkpoint("auto", str(tmp_path), "dapo") is None  # nothing to resume: a new run
+    assert "no dapo_* run in" in capsys.readouterr().out
     old, new = tmp_path / "dapo_20260101_000000", tmp_path / "dapo_20260102_000000"
     save(old, 3)
     save(new, 1)
     save(tmp_path / "grpo_20260103_000000", 2)
-    os.utime(old, (1, 1))
     assert ck.find_resume_checkpoint("auto", str(tmp_path), "dapo") == str(new / "checkpoints" / "step_1")
     with pytest.raises(ValueError, match="not a run of grpo.py"):
         ck.find_resume_checkpoint(str(old), str(tmp_path), "grpo")
+    os.makedirs(tmp_path / "dapo_20260104_000000" / "checkpoints" / "step_1.tmp")  # killed before its first save
+    assert ck.find_resume_checkpoint("auto", str(tmp_path), "dapo") is None
+    assert "no complete checkpoint in" in capsys.readouterr().out
 
 
 def test_resumed_config_allows_scheduling_and_refuses_math(tmp_path):

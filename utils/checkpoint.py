@@ -150,17 +150,17 @@ def prune_checkpoints(run_dir, keep):
 # ── resuming ────────────────────────────────────────────────────────────────────────────────────
 def find_resume_checkpoint(resume, runs_dir, algo):
     """The checkpoint RESUME names: None for "" (a new run); for "auto" the newest complete checkpoint of the
-    newest `<algo>_*` run folder in runs_dir that has one; for a run folder its newest complete checkpoint;
-    for a checkpoint folder itself. Half-written checkpoints are skipped with a warning; a RESUME that leads to
-    no complete checkpoint is an error."""
+    newest `<algo>_*` run folder in runs_dir, or None (a new run, with a warning) when there is none, so that a job
+    script can always pass "auto"; for a run folder its newest complete checkpoint; for a checkpoint folder itself.
+    Half-written checkpoints are skipped with a warning; a named folder without a complete checkpoint is an error."""
     if not resume:
         return None
     if resume == "auto":
-        runs = sorted(glob.glob(os.path.join(runs_dir, f"{algo}_*")), key=os.path.getmtime)
-        runs = [r for r in runs if os.path.isdir(os.path.join(r, "checkpoints"))]
-        if not runs:
-            raise ValueError(f"RESUME='auto': no {algo}_* run folder with checkpoints in {runs_dir}; "
-                             f"start a new run with --RESUME=''")
+        runs = sorted(p for p in glob.glob(os.path.join(runs_dir, f"{algo}_*")) if os.path.isdir(p))  # by timestamp
+        if not runs or not complete_checkpoints(runs[-1]):
+            where = f"no complete checkpoint in {runs[-1]}" if runs else f"no {algo}_* run in {runs_dir}"
+            warn(f"RESUME='auto': {where}; starting a new run")
+            return None
         resume = runs[-1]
     run_name = os.path.basename(run_dir_of(resume) if checkpoint_step(resume) is not None else os.path.normpath(resume))
     if not run_name.startswith(f"{algo}_"):
