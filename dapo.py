@@ -31,7 +31,7 @@ from data import PromptSampler, load_datasets
 from utils.attention import attention_summary, mdi_reward, token_weight_metrics, token_weights
 from utils.checkpoint import (PreemptionGuard, checkpoint_step, find_resume_checkpoint, load_checkpoint,
                               resumed_config, run_dir_of, save_checkpoint)
-from utils.config import apply_overrides, check_values, constants_of, format_config
+from utils.config import apply_overrides, check_values, constants_of, format_config, run_cli
 from utils.evaluate import evaluate
 from utils.logprobs import batched_logprobs
 from utils.model import (
@@ -51,6 +51,7 @@ from utils.plot_metrics import plot_run
 from utils.precision import inference_dtype, resolve_precision
 from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
+from utils.trackers import make_tracker
 from utils.update import learning_rate_at, needs_old_logprob_pass, policy_update
 
 # ── Model and devices ─────────────────────────────────────────────────────────────────────────────
@@ -77,6 +78,11 @@ IMAGE_SIZE = 56  # synthetic only: pixels per side (multiple of 14)
 MAX_OBJECTS = 4  # synthetic only: 1..4 objects per image
 SHUFFLE_OPTIONS = False  # synthetic only: list options A-D in random order (much harder for a tiny model)
 TRAIN_SIZE = 100_000  # synthetic only: number of training examples
+IMAGE_KEY = "auto"  # image column (one image or a list): "auto" = "image" or "images" (none: text only) | name | ""
+PROBLEM_KEY = "auto"  # problem column: "auto" = "problem", "question" or "prompt" | column name
+ANSWER_KEY = "auto"  # solution column: "auto" = "solution" or "answer" | column name
+SYSTEM_PROMPT = "auto"  # "auto" = letter form for multiple choice, \boxed{}/Answer: otherwise | your instruction
+MAX_PROMPT_TOKENS = 1024  # rows whose prompt (image tokens included) is longer are skipped at load; 0 = no limit
 EVAL_SAMPLES = 240  # held-out examples scored at each evaluation
 
 # ── Rollout ───────────────────────────────────────────────────────────────────────────────────────
@@ -142,6 +148,7 @@ LOG_SAMPLES = 2  # completions shown in full per log entry
 PLOT_EVERY = 50  # steps between plot refreshes in <run>/plots/ (always at the end); 0 = only at the end
 COMPARE_WITH = "auto"  # run folder for the DAPO-vs-GRPO plot; "auto" = newest run of the other trainer; "" = none
 RUNS_DIR = "runs"  # run folders go to RUNS_DIR/<trainer>_<timestamp>/, e.g. runs/dapo_20261122_101500/
+REPORT_TO = ""  # also send the metrics to "wandb" | "tensorboard" | "wandb,tensorboard" (pip install it); "" = none
 RESUME = ""  # "" = new run | "auto" = newest run of this trainer in RUNS_DIR | a run folder | a checkpoint folder
 RESUME_OVERRIDES = ""  # on resume: comma-separated math constants allowed to change anyway, e.g. "LEARNING_RATE"
 
@@ -159,6 +166,7 @@ def main(argv=None):
         print(f"{resume}: the run is finished (TOTAL_STEPS={cfg['TOTAL_STEPS']}); nothing to train")
         return run_dir_of(resume)
     run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__, resume=(run_dir_of(resume), start) if resume else None)
+    tracker = make_tracker(cfg["REPORT_TO"], run.dir, cfg)
     log = run.print
     log(f"run folder: {run.dir}\nconfig:\n{format_config(cfg)}")
     torch.manual_seed(cfg["SEED"])
@@ -192,8 +200,11 @@ def main(argv=None):
         cfg["DATASET"], cfg["EVAL_DATASET"], cfg["TRAIN_SPLIT"], cfg["EVAL_SPLIT"], cfg["TRAIN_SIZE"],
         cfg["EVAL_SAMPLES"], seed=cfg["SEED"], kinds=cfg["QUESTION_KINDS"], image_size=cfg["IMAGE_SIZE"],
         max_objects=cfg["MAX_OBJECTS"], shuffle_options=cfg["SHUFFLE_OPTIONS"], log=log,
+        keys={"image": cfg["IMAGE_KEY"], "problem": cfg["PROBLEM_KEY"], "solution": cfg["ANSWER_KEY"]},
+        system_prompt=cfg["SYSTEM_PROMPT"], processor=processor, max_prompt_tokens=cfg["MAX_PROMPT_TOKENS"],
+        warn=run.warn,
     )
-    prompts = PromptSampler(train_data, cfg["SEED"])
+    prompts = PromptSampler(train_data, cfg["SEED"], processor, warn=run.warn)  # skips rows that fail on use
     G = cfg["GROUP_SIZE"]
     sampling_mode = cfg["DYNAMIC_SAMPLING_MODE"] if cfg["DYNAMIC_SAMPLING"] else "all"
     replay = None
@@ -225,6 +236,7 @@ def main(argv=None):
         eval_metrics = run_eval()
         log("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in eval_metrics.items()))
         run.log_metrics({"step": 0, **eval_metrics})
+        tracker.log(eval_metrics, 0)
     pad_id = processor.tokenizer.pad_token_id
     stop = PreemptionGuard(run.warn)  # SIGTERM / Ctrl-C: checkpoint after this step, then exit
 
@@ -312,6 +324,7 @@ def main(argv=None):
         if step % cfg["EVAL_EVERY"] == 0 or step == cfg["TOTAL_STEPS"]:
             metrics.update(run_eval())
         run.log_metrics(metrics)
+        tracker.log(metrics, step)
         run.print_metrics(metrics, SHOWN_METRICS)
         last = step == cfg["TOTAL_STEPS"]
         if step % cfg["LOG_EVERY"] == 0 or last:
@@ -326,10 +339,12 @@ def main(argv=None):
             log(f"checkpoint: {saved}")
         if stopped:
             log(f"stopped by {stop.signal_name} after step {step}; continue with --RESUME={run.dir}")
+            tracker.close()
             return run.dir
+    tracker.close()
     log(f"done: {run.dir}")
     return run.dir
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
