@@ -141,13 +141,15 @@ def test_find_resume_checkpoint_auto(tmp_path, capsys):
     assert "no complete checkpoint in" in capsys.readouterr().out
 
 
-def test_resumed_config_allows_scheduling_and_refuses_math(tmp_path):
-    path = save(tmp_path, 2, LEARNING_RATE=1e-3, QUESTION_KINDS=["count"], RESUME_OVERRIDES="", RESUME="")
+def test_resumed_config_allows_scheduling_and_refuses_math(tmp_path, capsys):
+    path = save(tmp_path, 2, LEARNING_RATE=1e-3, QUESTION_KINDS=["count"], RESUME_OVERRIDES="", RESUME="",
+                LR_SCHEDULE="cosine")
     current = {"TOTAL_STEPS": 8, "LEARNING_RATE": 5e-4, "QUESTION_KINDS": ("count",), "RESUME_OVERRIDES": "",
                "RESUME": "auto", "NEW_CONSTANT": 1}
     cfg = ck.resumed_config(path, current, ["--TOTAL_STEPS=8", "--QUESTION_KINDS=['count']", "--RESUME=auto"])
     assert cfg == {"TOTAL_STEPS": 8, "LEARNING_RATE": 1e-3, "QUESTION_KINDS": ("count",), "RESUME_OVERRIDES": "",
                    "RESUME": "auto", "NEW_CONSTANT": 1}  # the saved learning rate, not the file's
+    assert "TOTAL_STEPS 4 -> 8 re-plans the cosine learning-rate decay from step 2" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"LEARNING_RATE would change the run \(LEARNING_RATE=0.001 -> 0.0005\)"):
         ck.resumed_config(path, current, ["--LEARNING_RATE=5e-4"])
     insisted = {**current, "RESUME_OVERRIDES": "LEARNING_RATE"}

@@ -34,8 +34,8 @@ CONFIG_FILE = "run_config.json"  # not config.json: save_pretrained writes the m
 # TOTAL_STEPS extends (or shortens) the run; with LR_SCHEDULE="cosine" it also re-plans the remaining decay.
 # MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, the devices and CPU_THREADS trade memory or speed for rounding only.
 RESUMABLE = ("RESUME", "RESUME_OVERRIDES", "TOTAL_STEPS", "EVAL_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS",
-             "LOG_EVERY", "LOG_SAMPLES", "PLOT_EVERY", "COMPARE_WITH", "RUNS_DIR", "MODEL_CACHE_DIR", "CPU_THREADS",
-             "MICRO_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "POLICY_DEVICE", "ROLLOUT_DEVICE")
+             "LOG_EVERY", "LOG_SAMPLES", "PLOT_EVERY", "COMPARE_WITH", "RUNS_DIR", "REPORT_TO", "MODEL_CACHE_DIR",
+             "CPU_THREADS", "MICRO_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "POLICY_DEVICE", "ROLLOUT_DEVICE")
 
 
 def warn(message):
@@ -204,6 +204,9 @@ def resumed_config(checkpoint, config, argv):
         raise ValueError(f"resuming from {checkpoint}: {', '.join(refused)} would change the run "
                          f"({', '.join(f'{k}={saved[k]!r} -> {config[k]!r}' for k in refused)}). Drop them, or accept "
                          f"a run that is not the one you started with --RESUME_OVERRIDES={','.join(refused)}")
+    if "TOTAL_STEPS" in changed and saved.get("LR_SCHEDULE") == "cosine":
+        warn(f"TOTAL_STEPS {saved['TOTAL_STEPS']} -> {config['TOTAL_STEPS']} re-plans the cosine learning-rate decay "
+             f"from step {checkpoint_step(checkpoint)} on: the rate jumps to the new schedule's value there")
     return {k: config[k] if k in given or k not in saved else saved[k] for k in config}
 
 
