@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from data import PromptSampler, load_datasets
 from utils.attention import attention_summary, mdi_reward, token_weight_metrics, token_weights
+from utils.checkpoint import (PreemptionGuard, checkpoint_step, find_resume_checkpoint, load_checkpoint,
+                              resumed_config, run_dir_of, save_checkpoint)
 from utils.config import apply_overrides, check_values, constants_of, format_config, run_cli
 from utils.evaluate import evaluate
 from utils.logprobs import batched_logprobs
@@ -135,20 +137,31 @@ MAX_GRAD_NORM = 1.0  # gradient clipping
 
 # ── Evaluation, logging, checkpoints ──────────────────────────────────────────────────────────────
 EVAL_EVERY = 20  # steps between held-out evaluations (also at step 0 and at the end)
-SAVE_EVERY = 0  # steps between checkpoints; 0 = only at the end
+SAVE_EVERY = 10  # steps between checkpoints; 0 = only at the end (README: "Checkpoints and resuming")
+KEEP_CHECKPOINTS = 2  # newest checkpoints kept, older ones deleted (the final one is the newest); 0 = keep all
 LOG_EVERY = 10  # steps between entries of rollout_results.md, attention_diagnostics.md, token_weights.md
 LOG_SAMPLES = 2  # completions shown in full per log entry
 PLOT_EVERY = 50  # steps between plot refreshes in <run>/plots/ (always at the end); 0 = only at the end
 COMPARE_WITH = "auto"  # run folder for the DAPO-vs-GRPO plot; "auto" = newest run of the other trainer; "" = none
 RUNS_DIR = "runs"  # run folders go to RUNS_DIR/<trainer>_<timestamp>/, e.g. runs/dapo_20261122_101500/
 REPORT_TO = ""  # also send the metrics to "wandb" | "tensorboard" | "wandb,tensorboard" (pip install it); "" = none
+RESUME = ""  # "" = new run | "auto" = newest run of this trainer in RUNS_DIR | a run folder | a checkpoint folder
+RESUME_OVERRIDES = ""  # on resume: comma-separated math constants allowed to change anyway, e.g. "LEARNING_RATE"
 
 
 def main(argv=None):
-    cfg = apply_overrides(constants_of(globals()), sys.argv[1:] if argv is None else argv)
-    check_values(cfg)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = apply_overrides(constants_of(globals()), argv)
     algo = os.path.splitext(os.path.basename(__file__))[0]
-    run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__)
+    resume = find_resume_checkpoint(cfg["RESUME"], cfg["RUNS_DIR"], algo)  # None: a new run
+    start = checkpoint_step(resume) if resume else 0  # the step the run continues after
+    if resume:
+        cfg = resumed_config(resume, cfg, argv)  # the run's saved config + the constants allowed to change
+    check_values(cfg)
+    if start >= cfg["TOTAL_STEPS"]:
+        print(f"{resume}: the run is finished (TOTAL_STEPS={cfg['TOTAL_STEPS']}); nothing to train")
+        return run_dir_of(resume)
+    run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__, resume=(run_dir_of(resume), start) if resume else None)
     tracker = make_tracker(cfg["REPORT_TO"], run.dir, cfg)
     log = run.print
     log(f"run folder: {run.dir}\nconfig:\n{format_config(cfg)}")
@@ -163,8 +176,8 @@ def main(argv=None):
     if path == EMBEDDED_MODEL:
         path = ensure_tiny_vlm(cfg["MODEL_CACHE_DIR"], log)
     processor = load_processor(path, cfg["TRUST_REMOTE_CODE"], cfg["MIN_PIXELS"], cfg["MAX_PIXELS"])
-    policy = load_trainable_model(path, policy_device, cfg["TRUST_REMOTE_CODE"], cfg["GRADIENT_CHECKPOINTING"],
-                                  cfg["FREEZE_VISION_TOWER"])
+    policy = load_trainable_model(resume or path, policy_device, cfg["TRUST_REMOTE_CODE"],  # resume: its weights
+                                  cfg["GRADIENT_CHECKPOINTING"], cfg["FREEZE_VISION_TOWER"])
     rollout_model = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 copy if mixed
     reference = None
     if cfg["KL_BETA"] > 0:  # β = 0: no reference model at all
@@ -212,13 +225,19 @@ def main(argv=None):
         return evaluate(rollout_model, processor, eval_data, cfg["EVAL_SAMPLES"], cfg["MAX_NEW_TOKENS"],
                         cfg["GENERATION_BATCH_SIZE"], suppress)
 
-    eval_metrics = run_eval()
-    log("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in eval_metrics.items()))
-    run.log_metrics({"step": 0, **eval_metrics})
-    tracker.log(eval_metrics, 0)
+    if resume:  # optimizer, data position, replay buffer, RNGs: the run goes on as if never stopped
+        load_checkpoint(resume, optimizer, prompts, replay)
+        log(f"resumed from {resume}: step {start} of {cfg['TOTAL_STEPS']}")
+    else:
+        eval_metrics = run_eval()
+        log("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in eval_metrics.items()))
+        run.log_metrics({"step": 0, **eval_metrics})
+        tracker.log(eval_metrics, 0)
     pad_id = processor.tokenizer.pad_token_id
+    stop = PreemptionGuard(run.warn)  # SIGTERM / Ctrl-C: checkpoint after this step, then exit
 
-    for step in tqdm(range(1, cfg["TOTAL_STEPS"] + 1), desc=algo, dynamic_ncols=True):
+    for step in tqdm(range(start + 1, cfg["TOTAL_STEPS"] + 1), initial=start, total=cfg["TOTAL_STEPS"], desc=algo,
+                     dynamic_ncols=True):
         t0 = time.time()
         lr = learning_rate_at(step, cfg["TOTAL_STEPS"], cfg["LEARNING_RATE"], cfg["LR_SCHEDULE"])
         for group in optimizer.param_groups:
@@ -309,8 +328,15 @@ def main(argv=None):
         if (cfg["PLOT_EVERY"] and step % cfg["PLOT_EVERY"] == 0) or last:
             compare = comparison_run(cfg["RUNS_DIR"], algo, cfg["COMPARE_WITH"])
             log(f"plots: {', '.join(plot_run(run.dir, compare))}")
-        if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or last:
-            log(f"checkpoint: {run.save_checkpoint(policy, processor, step)}")
+        stopped = stop.signal_name is not None and not last
+        if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or last or stopped:
+            saved = save_checkpoint(run.dir, step, policy, processor, cfg, optimizer, prompts, replay,
+                                    keep=cfg["KEEP_CHECKPOINTS"])
+            log(f"checkpoint: {saved}")
+        if stopped:
+            log(f"stopped by {stop.signal_name} after step {step}; continue with --RESUME={run.dir}")
+            tracker.close()
+            return run.dir
     tracker.close()
     log(f"done: {run.dir}")
     return run.dir

@@ -123,3 +123,14 @@ class PromptSampler:
             self.bad.add(index)
             self.warn(f"{example_name(self.dataset, index)}: {error}; skipped ({len(self.bad)} skipped so far)")
         return out
+
+    def state_dict(self):
+        """Where the sampler is: its generator, the current pass's order and the position in it."""
+        return {"rng": self.rng.getstate(), "order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state):
+        if state["order"] and (len(state["order"]) != len(self.dataset) or max(state["order"]) >= len(self.dataset)):
+            raise ValueError(f"the saved prompt order covers {len(state['order'])} examples but the data set has "
+                             f"{len(self.dataset)}: resume with the data set the run was started with")
+        self.rng.setstate(state["rng"])
+        self.order, self.position = list(state["order"]), state["position"]

@@ -253,6 +253,13 @@ class ReplayBuffer:
     def __len__(self):
         return len(self.groups)
 
+    def state_dict(self):
+        """The stored groups: scored single-group Rollouts, oldest first."""
+        return {"groups": list(self.groups)}
+
+    def load_state_dict(self, state):
+        self.groups = deque(state["groups"], maxlen=self.groups.maxlen)
+
     def passes(self, group):
         accuracy, total = group.rewards["accuracy"], group.rewards["total"].float()
         return (is_informative(accuracy) and total.std().item() >= self.min_reward_std

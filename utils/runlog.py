@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -17,20 +18,36 @@ from utils.markdown_logs import TerminalLog, append_attention_diagnostics, appen
 class RunLog:
     """Writes one run's folder `runs/<algo>_<timestamp>/` and prints what it logs."""
 
-    def __init__(self, root, algo, config, script_path):
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        self.dir = os.path.join(root, f"{algo}_{stamp}")
-        suffix = 1
-        while os.path.exists(self.dir):  # two runs started in the same second
-            self.dir = os.path.join(root, f"{algo}_{stamp}_{suffix}")
-            suffix += 1
-        os.makedirs(self.dir)
+    def __init__(self, root, algo, config, script_path, resume=None):
+        """A new folder under `root`; or, with `resume` = (run folder, step) of the checkpoint a run resumes from,
+        that folder, with what the killed run logged after the checkpoint's step dropped (metrics.jsonl rows,
+        markdown log entries): the resumed run writes those steps again. config.json is rewritten with `config`
+        (which may differ from the saved one in the constants allowed on resume); run_terminal.md keeps
+        everything and notes the resume."""
+        if resume:
+            self.dir, step = resume
+            cut_logs_after(self.dir, step)
+        else:
+            self.dir = self.new_dir(root, algo)
+            shutil.copy(script_path, os.path.join(self.dir, os.path.basename(script_path)))
         with open(os.path.join(self.dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        shutil.copy(script_path, os.path.join(self.dir, os.path.basename(script_path)))
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.terminal = TerminalLog(os.path.join(self.dir, "run_terminal.md"))
+        if resume:
+            self.terminal.write(f"\n## Resumed after step {resume[1]}\n\n")
         self.terminal.config(config)
+
+    @staticmethod
+    def new_dir(root, algo):
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        path = os.path.join(root, f"{algo}_{stamp}")
+        suffix = 1
+        while os.path.exists(path):  # two runs started in the same second
+            path = os.path.join(root, f"{algo}_{stamp}_{suffix}")
+            suffix += 1
+        os.makedirs(path)
+        return path
 
     def print(self, message):
         tqdm.write(message)  # keeps progress bars intact
@@ -71,44 +88,35 @@ class RunLog:
         parts = [f"{label(k)}={metrics[k]:.3g}" for k in keys if metrics.get(k) is not None]
         tqdm.write(f"step {metrics['step']:>4} | " + "  ".join(parts))  # run_terminal.md has the full block
 
-    def save_checkpoint(self, model, processor, step, state_dict=None):
-        """checkpoints/step_N/ with safetensors weights and the processor: loadable by transformers directly.
-        state_dict: the full weights of a sharded model (utils.distributed.gather_full_state_dict)."""
-        path = os.path.join(self.dir, "checkpoints", f"step_{step}")
-        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(path)
-        return path
-
-
-class QuietRunLog:
-    """What the ranks other than 0 hold instead of a RunLog under torchrun: the same calls, nothing written."""
-
-    dir = None
-
-    def print(self, message):
-        pass
-
-    def warn(self, message):
-        pass
-
-    def log_metrics(self, metrics):
-        pass
-
-    def log_samples(self, *args, **kwargs):
-        pass
-
-    def print_metrics(self, metrics, keys):
-        pass
-
-    def save_checkpoint(self, model, processor, step, state_dict=None):
-        return None
-
-
 # What the terminal shows each step (everything goes to metrics.jsonl).
 SHOWN_METRICS = ("reward/total/mean", "reward/accuracy/mean", "reward/format/mean", "policy/loss",
                  "policy/entropy", "policy/kl", "response/length/mean", "dapo/gen_batches",
                  "dapo/kept_group_frac", "critic/value_loss", "critic/explained_variance", "perf/step_s",
                  "eval/accuracy")
+
+
+def cut_logs_after(run_dir, step):
+    """Drop what a run logged after `step`: metrics.jsonl rows and `## Step N` entries of the markdown logs
+    (each file is rewritten through a temporary file and a rename, so a kill leaves it whole)."""
+    def rewrite(path, keep_text):
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(keep_text(text))
+            os.replace(path + ".tmp", path)
+
+    def metrics_rows(text):
+        rows = [line for line in text.splitlines(keepends=True) if line.strip()]
+        return "".join(r for r in rows if r.endswith("\n") and json.loads(r)["step"] <= step)  # a torn last row goes
+
+    def markdown_entries(text):
+        later = [m.start() for m in re.finditer(r"^## Step (\d+)$", text, re.M) if int(m.group(1)) > step]
+        return text[: later[0]] if later else text
+
+    rewrite(os.path.join(run_dir, "metrics.jsonl"), metrics_rows)
+    for name in ("rollout_results.md", "attention_diagnostics.md", "token_weights.md"):
+        rewrite(os.path.join(run_dir, name), markdown_entries)
 
 
 def mean_std(values):

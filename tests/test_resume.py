@@ -1,0 +1,114 @@
+"""A killed run resumes exactly: each trainer, stopped by SIGKILL (after a checkpoint, or while writing one) or by
+SIGTERM, then resumed with RESUME=auto, leaves the metrics.jsonl of a run that was never stopped.
+
+The kills come from the test: a `python -c` driver wraps a function of utils.checkpoint (or RunLog.log_metrics)
+so that the process kills itself at the chosen moment, then runs the trainer's main()."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--TOTAL_STEPS=4", "--SAVE_EVERY=2", "--EVAL_EVERY=2", "--EVAL_SAMPLES=8", "--TRAIN_BATCH_PROMPTS=3",
+        "--GROUP_SIZE=4", "--MAX_NEW_TOKENS=16", "--OVERLONG_BUFFER=4", "--LOG_EVERY=1", "--LOG_SAMPLES=1",
+        "--PLOT_EVERY=0", "--CPU_THREADS=1"]  # one thread: deterministic CPU kernels
+DRIVER = """
+import os, signal, sys
+import utils.checkpoint as ck
+from utils.runlog import RunLog
+
+mode, at, trainer, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if mode == "kill_after_save":  # the checkpoint of step `at` is complete, then the process dies
+    save = ck.save_checkpoint
+    def after_save(run_dir, step, *args, **kwargs):
+        path = save(run_dir, step, *args, **kwargs)
+        if step == at:
+            die()
+        return path
+    ck.save_checkpoint = after_save  # before the trainer imports it
+elif mode == "kill_while_saving":  # the weights and training state of step `at` are written, not the marker
+    finalize = ck.finalize
+    def killed_finalize(tmp, final, step):
+        if step == at:
+            die()
+        finalize(tmp, final, step)
+    ck.finalize = killed_finalize
+elif mode == "sigterm_at_step":  # as a scheduler would, while step `at` is being logged
+    log_metrics = RunLog.log_metrics
+    def terminated(self, metrics):
+        log_metrics(self, metrics)
+        if metrics["step"] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    RunLog.log_metrics = terminated
+from utils.config import run_cli
+run_cli(__import__(trainer).main, argv)
+"""
+
+
+def run(trainer, runs_dir, *args, mode="none", at=0):
+    command = [sys.executable, "-c", DRIVER, mode, str(at), trainer, *TINY, f"--RUNS_DIR={runs_dir}", *args]
+    return subprocess.run(command, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"), capture_output=True, text=True,
+                          timeout=600)
+
+
+def ok(done):
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def metrics(runs_dir):
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "*_*"))
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]  # timings differ
+
+
+def markdown(runs_dir):
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "*_*"))
+    return [open(os.path.join(run_dir, name)).read() for name in ("rollout_results.md", "token_weights.md")]
+
+
+def test_dapo_stopped_three_ways_resumes_exactly(tiny_vlm_path, tmp_path):
+    """DAPO with refill (one round) and a replay buffer: SIGTERM in step 1, SIGKILL while writing the step-4 checkpoint, each
+    resumed; then resuming the finished run, and resuming with a changed learning rate."""
+    args = ["--REPLAY_BUFFER_SIZE=2", "--REPLAY_MIN_REWARD_STD=0.1", "--MAX_GEN_BATCHES=1"]
+    ok(run("dapo", tmp_path / "ref", *args))
+    runs = tmp_path / "runs"
+
+    out = ok(run("dapo", runs, *args, mode="sigterm_at_step", at=1))  # exits 0 after a checkpoint
+    assert "SIGTERM received" in out and "stopped by SIGTERM after step 1" in out
+    assert os.listdir(glob.glob(str(runs / "*" / "checkpoints"))[0]) == ["step_1"]
+
+    killed = run("dapo", runs, "--RESUME=auto", mode="kill_while_saving", at=4)
+    assert killed.returncode == -9
+    assert [r["step"] for r in metrics(runs)] == [0, 1, 2, 3, 4]  # rows of steps 3-4 are past the last checkpoint
+    out = ok(run("dapo", runs, "--RESUME=auto"))
+    assert "step_4.tmp is half-written" in out and "resumed from" in out and "step_2: step 2 of 4" in out
+    assert metrics(runs) == metrics(tmp_path / "ref")
+    assert markdown(runs) == markdown(tmp_path / "ref")
+    assert any(row["dapo/replayed_groups"] for row in metrics(runs)[3:])  # groups stored before the checkpoint
+
+    out = ok(run("dapo", runs, "--RESUME=auto"))
+    assert "the run is finished (TOTAL_STEPS=4); nothing to train" in out
+    refused = run("dapo", runs, "--RESUME=auto", "--TOTAL_STEPS=6", "--LEARNING_RATE=0.1")
+    assert refused.returncode == 2 and "LEARNING_RATE would change the run" in refused.stderr
+    assert "TOTAL_STEPS" not in refused.stderr  # allowed on resume
+    assert metrics(runs) == metrics(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("trainer, args, mode", [
+    ("grpo", ["--REWARD_SWITCH_STEP=2"], "kill_after_save"),  # a reference model, two-stage rewards
+    ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1"], "kill_after_save"),
+    ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False"],
+     "kill_while_saving"),
+], ids=["grpo", "ppo-shared-critic", "ppo-separate-critic"])
+def test_killed_run_resumes_exactly(tiny_vlm_path, tmp_path, trainer, args, mode):
+    ok(run(trainer, tmp_path / "ref", *args))
+    at = 2 if mode == "kill_after_save" else 4
+    assert run(trainer, tmp_path / "runs", *args, mode=mode, at=at).returncode == -9
+    ok(run(trainer, tmp_path / "runs", *args, "--RESUME=auto"))  # the same values again: allowed
+    assert metrics(tmp_path / "runs") == metrics(tmp_path / "ref")
