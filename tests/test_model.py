@@ -116,8 +116,8 @@ def test_non_finite_loss_skips_the_step(tiny_vlm_path):
     assert all((d == 0).all() for d in delta.values())
 
 
-def test_a_qwen2_vl_checkpoint_works_too(tmp_path):
-    """Qwen2-VL (not 2.5): saved, loaded through load_model / load_processor, log-probs match generation."""
+def qwen2_vl_checkpoint(path):
+    """Save a tiny random Qwen2-VL (not 2.5) with the embedded processor into `path`."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from utils.tiny_vlm import RECIPE, SPECIAL_TOKENS, build_processor, train_tokenizer
@@ -134,8 +134,16 @@ def test_a_qwen2_vl_checkpoint_works_too(tmp_path):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
-    build_processor(tokenizer, 7, 56).save_pretrained(tmp_path)
-    model, processor = load_model(str(tmp_path), "cpu", torch.float32), load_processor(str(tmp_path))
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    build_processor(tokenizer, 7, 56).save_pretrained(path)
+    return str(path)
+
+
+def test_a_qwen2_vl_checkpoint_works_too(tmp_path):
+    """Qwen2-VL (not 2.5): saved, loaded through load_model / load_processor, log-probs match generation."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    path = qwen2_vl_checkpoint(tmp_path)
+    model, processor = load_model(path, "cpu", torch.float32), load_processor(path)
     assert isinstance(model, Qwen2VLForConditionalGeneration)
     assert_logprobs_match_generation(model, processor, max_new_tokens=6)
