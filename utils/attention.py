@@ -67,15 +67,18 @@ class BucketMasses:
 
     @torch.no_grad()
     def record(self, module, query, key, attention_mask, scaling):
-        q = query[:, :, self.rows].float()  # [B, H, L, D]
+        if key.shape[2] != self.buckets.shape[1]:  # a shared prompt's own pass (utils/logprobs.py): no completion
+            return
+        rows = self.rows - (key.shape[2] - query.shape[2])  # the queries are the last positions of the sequence
+        q = query[:, :, rows].float()  # [B, H, L, D]
         k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # [B, H, T, D]
         scores = torch.einsum("bhld,bhtd->bhlt", q, k) * scaling
         if attention_mask is None:  # sdpa's is_causal path: no padding in the batch
             allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril(int(self.rows[0]))
         elif attention_mask.dtype == torch.bool:
-            allowed = attention_mask[:, :, self.rows]
+            allowed = attention_mask[:, :, rows]
         else:
-            allowed = attention_mask[:, :, self.rows] > torch.finfo(attention_mask.dtype).min / 2
+            allowed = attention_mask[:, :, rows] > torch.finfo(attention_mask.dtype).min / 2
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num()  # [B, H, L, T]
         masses = torch.einsum("bhlt,btk->blk", probs, self.buckets) / probs.shape[1]  # mean over heads
         self.per_layer[module.layer_idx] = masses * self.row_mask.unsqueeze(-1)
