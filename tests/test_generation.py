@@ -33,6 +33,17 @@ def test_greedy_matches_transformers_generate(tiny_vlm_path):
     assert_greedy_matches_hf_generate(load_model(tiny_vlm_path, "cpu", torch.float32), load_processor(tiny_vlm_path))
 
 
+def test_a_policy_in_training_with_gradient_checkpointing_samples_the_same(tiny_vlm_path):
+    """transformers drops the KV cache of checkpointed layers in training mode; sampling must not notice."""
+    processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32)
+    inputs, pad, eos = encode_prompts(processor, examples(3)), processor.tokenizer.pad_token_id, eos_ids_of(model)
+    expected, _ = sample_completions(model.eval(), inputs, 2, 12, greedy=True, eos_ids=eos, pad_id=pad)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, _ = sample_completions(model, inputs, 2, 12, greedy=True, eos_ids=eos, pad_id=pad)
+    assert torch.equal(ids, expected) and model.training
+
+
 def test_greedy_matches_transformers_generate_on_qwen2_vl(tmp_path):
     path = qwen2_vl_checkpoint(tmp_path)
     assert_greedy_matches_hf_generate(load_model(path, "cpu", torch.float32), load_processor(path), max_new_tokens=8)

@@ -58,6 +58,14 @@ def sample_completions(model, prompt_inputs, group_size, max_new_tokens, *, temp
     under log_softmax(logits / temperature), before suppression and top-p, i.e. what a teacher-forced pass
     (utils.logprobs.completion_logprobs) computes; 0 after the end token.
     """
+    if model.training:  # transformers drops the KV cache of a checkpointed layer in training mode; sample in eval
+        model.eval()
+        try:
+            return sample_completions(model, prompt_inputs, group_size, max_new_tokens, temperature=temperature,
+                                      top_p=top_p, greedy=greedy, suppress_ids=suppress_ids, eos_ids=eos_ids,
+                                      pad_id=pad_id, generator=generator)
+        finally:
+            model.train()
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompt_inputs.items()}
     backbone = model.model
