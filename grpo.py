@@ -24,16 +24,14 @@ import torch
 from tqdm import tqdm
 
 from data import PromptSampler, load_datasets
-from utils.attention import (batch_metrics, mdi_reward, prompt_token_counts, sample_metrics, stage_layers,
-                             token_vgr, token_weight_metrics, token_weights)
-from utils.config import apply_overrides, check_values, constants_of, format_config
+from utils.attention import attention_summary, mdi_reward, token_weight_metrics, token_weights
+from utils.config import apply_overrides, check_values, constants_of, format_config, run_cli
 from utils.evaluate import evaluate
 from utils.logprobs import batched_logprobs
 from utils.model import (
     EMBEDDED_MODEL,
-    default_dtype,
-    load_model,
     load_processor,
+    load_reference_model,
     load_trainable_model,
     make_rollout_model,
     resolve_devices,
@@ -44,9 +42,11 @@ from utils.rewards import reward_weights_at, score_completions
 from utils.rl import group_advantages, overlong_loss_mask
 from utils.rollout import ReplayBuffer, concat_rollouts, generate, sample_step
 from utils.plot_metrics import plot_run
+from utils.precision import inference_dtype, resolve_precision
 from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
-from utils.update import learning_rate_at, policy_update
+from utils.trackers import make_tracker
+from utils.update import learning_rate_at, needs_old_logprob_pass, policy_update
 
 # ── Model and devices ─────────────────────────────────────────────────────────────────────────────
 MODEL_NAME_OR_PATH = "embedded-tiny-vlm"  # Qwen2-VL / Qwen2.5-VL hub name or folder, or the built-in tiny VLM
@@ -54,6 +54,9 @@ MODEL_CACHE_DIR = ".cache"  # folder where the embedded tiny VLM is built once a
 TRUST_REMOTE_CODE = False  # bool; only for checkpoints whose code you trust
 POLICY_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; auto: cuda:0 if there is a GPU, else cpu
 ROLLOUT_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; reference + generation copy; auto: cuda:1 with 2 GPUs
+PRECISION = "auto"  # "auto" (GPU: bf16-mixed, CPU: fp32) | "bf16-mixed" (fp32 weights + AdamW, bf16 compute) | "fp32"
+MIN_PIXELS = 0  # fewest pixels per image after resizing; 0 = the processor's own (Qwen: 56·56)
+MAX_PIXELS = 0  # most pixels per image after resizing; 0 = the processor's own, at most 1280 visual tokens (1280·28·28)
 CPU_THREADS = 2  # torch threads on CPU; 0 = torch's default. Use 1 when another job shares the cores
 GRADIENT_CHECKPOINTING = False  # bool; trade compute for memory on large models
 FREEZE_VISION_TOWER = False  # bool; train only the language model (and the vision-language merger)
@@ -69,6 +72,11 @@ IMAGE_SIZE = 56  # synthetic only: pixels per side (multiple of 14)
 MAX_OBJECTS = 4  # synthetic only: 1..4 objects per image
 SHUFFLE_OPTIONS = False  # synthetic only: list options A-D in random order (much harder for a tiny model)
 TRAIN_SIZE = 100_000  # synthetic only: number of training examples
+IMAGE_KEY = "auto"  # image column (one image or a list): "auto" = "image" or "images" (none: text only) | name | ""
+PROBLEM_KEY = "auto"  # problem column: "auto" = "problem", "question" or "prompt" | column name
+ANSWER_KEY = "auto"  # solution column: "auto" = "solution" or "answer" | column name
+SYSTEM_PROMPT = "auto"  # "auto" = letter form for multiple choice, \boxed{}/Answer: otherwise | your instruction
+MAX_PROMPT_TOKENS = 1024  # rows whose prompt (image tokens included) is longer are skipped at load; 0 = no limit
 EVAL_SAMPLES = 240  # held-out examples scored at each evaluation
 
 # ── Rollout ───────────────────────────────────────────────────────────────────────────────────────
@@ -133,6 +141,7 @@ LOG_SAMPLES = 2  # completions shown in full per log entry
 PLOT_EVERY = 50  # steps between plot refreshes in <run>/plots/ (always at the end); 0 = only at the end
 COMPARE_WITH = "auto"  # run folder for the DAPO-vs-GRPO plot; "auto" = newest run of the other trainer; "" = none
 RUNS_DIR = "runs"  # run folders go to RUNS_DIR/<trainer>_<timestamp>/, e.g. runs/dapo_20261122_101500/
+REPORT_TO = ""  # also send the metrics to "wandb" | "tensorboard" | "wandb,tensorboard" (pip install it); "" = none
 
 
 def main(argv=None):
@@ -140,6 +149,7 @@ def main(argv=None):
     check_values(cfg)
     algo = os.path.splitext(os.path.basename(__file__))[0]
     run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__)
+    tracker = make_tracker(cfg["REPORT_TO"], run.dir, cfg)
     log = run.print
     log(f"run folder: {run.dir}\nconfig:\n{format_config(cfg)}")
     torch.manual_seed(cfg["SEED"])
@@ -148,22 +158,24 @@ def main(argv=None):
 
     # ── Model, reference, rollout copy ──
     policy_device, rollout_device = resolve_devices(cfg["POLICY_DEVICE"], cfg["ROLLOUT_DEVICE"])
+    precision = resolve_precision(cfg["PRECISION"], policy_device)  # fp32 master weights; bf16 compute if mixed
     path = cfg["MODEL_NAME_OR_PATH"]
     if path == EMBEDDED_MODEL:
         path = ensure_tiny_vlm(cfg["MODEL_CACHE_DIR"], log)
-    processor = load_processor(path, cfg["TRUST_REMOTE_CODE"])
+    processor = load_processor(path, cfg["TRUST_REMOTE_CODE"], cfg["MIN_PIXELS"], cfg["MAX_PIXELS"])
     policy = load_trainable_model(path, policy_device, cfg["TRUST_REMOTE_CODE"], cfg["GRADIENT_CHECKPOINTING"],
                                   cfg["FREEZE_VISION_TOWER"])
-    rollout_model = make_rollout_model(policy, rollout_device)
+    rollout_model = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 copy if mixed
     reference = None
     if cfg["KL_BETA"] > 0:  # β = 0: no reference model at all
-        reference = load_model(path, rollout_device, default_dtype(rollout_device), cfg["TRUST_REMOTE_CODE"]).eval()
-        reference.requires_grad_(False)
+        reference = load_reference_model(path, rollout_device, inference_dtype(precision), cfg["TRUST_REMOTE_CODE"])
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg["LEARNING_RATE"],
                                   weight_decay=cfg["WEIGHT_DECAY"])
     suppress = suppressed_token_ids(processor.tokenizer)
     image_id = policy.config.image_token_id if cfg["ATTENTION_METRICS"] else None  # None: no attention metrics
-    log(f"policy on {policy_device}, rollout on {rollout_device}, reference: {'yes' if reference else 'none'}, "
+    log(f"policy on {policy_device} in {precision}, generation by "
+        f"{'the policy' if rollout_model is policy else f'a {inference_dtype(precision)} copy on {rollout_device}'}, "
+        f"reference: {'yes' if reference else 'none'}, "
         f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
 
     # ── Data ──
@@ -171,8 +183,11 @@ def main(argv=None):
         cfg["DATASET"], cfg["EVAL_DATASET"], cfg["TRAIN_SPLIT"], cfg["EVAL_SPLIT"], cfg["TRAIN_SIZE"],
         cfg["EVAL_SAMPLES"], seed=cfg["SEED"], kinds=cfg["QUESTION_KINDS"], image_size=cfg["IMAGE_SIZE"],
         max_objects=cfg["MAX_OBJECTS"], shuffle_options=cfg["SHUFFLE_OPTIONS"], log=log,
+        keys={"image": cfg["IMAGE_KEY"], "problem": cfg["PROBLEM_KEY"], "solution": cfg["ANSWER_KEY"]},
+        system_prompt=cfg["SYSTEM_PROMPT"], processor=processor, max_prompt_tokens=cfg["MAX_PROMPT_TOKENS"],
+        warn=run.warn,
     )
-    prompts = PromptSampler(train_data, cfg["SEED"])
+    prompts = PromptSampler(train_data, cfg["SEED"], processor, warn=run.warn)  # skips rows that fail on use
     G = cfg["GROUP_SIZE"]
     sampling_mode = cfg["DYNAMIC_SAMPLING_MODE"] if cfg["DYNAMIC_SAMPLING"] else "all"
     replay = None
@@ -200,6 +215,7 @@ def main(argv=None):
     eval_metrics = run_eval()
     log("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in eval_metrics.items()))
     run.log_metrics({"step": 0, **eval_metrics})
+    tracker.log(eval_metrics, 0)
     pad_id = processor.tokenizer.pad_token_id
 
     for step in tqdm(range(1, cfg["TOTAL_STEPS"] + 1), desc=algo, dynamic_ncols=True):
@@ -228,17 +244,19 @@ def main(argv=None):
         else:
             batch = concat_rollouts(train_groups, pad_id)
 
-            # ── 2. Log-probs of the rollout policy (π_old) and of the reference; attention masses on the way ──
+            # ── 2. Log-probs of the rollout policy (π_old) and of the reference; attention masses on the way. A
+            #       batch used for one optimizer step by the policy that sampled it needs no π_old pass: the update's
+            #       own log-probs (detached, ratio 1) are π_old, and its forward passes give the attention masses. ──
             t_lp = time.time()
             lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
                        cfg["TEMPERATURE"])
-            logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)  # [B, L]
-            if image_id is not None:
-                logp_old, masses = logp_old  # masses: [layers, B, L, 4]
-                n_text, n_vision = prompt_token_counts(batch.prompt_inputs, image_id)  # [B] each
-                attention = sample_metrics(masses, batch.completion_mask, n_text, n_vision,
-                                           cfg["ATTENTION_EXCLUDE_SINK"])  # {stage: {metric: [B]}}
-                metrics.update(batch_metrics(attention, n_text, n_vision))
+            logp_old, masses = None, None  # [B, L], [layers, B, L, 4]
+            if needs_old_logprob_pass(cfg["PPO_EPOCHS"] * cfg["MINI_BATCHES"], rollout_model is policy,
+                                      cfg["USE_TOKEN_WEIGHTS"] or bool(reward_weights["mdi"])):
+                logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)
+                logp_old, masses = logp_old if image_id is not None else (logp_old, None)
+            attention, vgr, attention_log = attention_summary(masses, batch.prompt_inputs, batch.completion_mask,
+                                                              image_id, cfg["ATTENTION_EXCLUDE_SINK"], cfg["VGR_LAYERS"])
             ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
             logprob_s = time.time() - t_lp
 
@@ -251,9 +269,6 @@ def main(argv=None):
             loss_mask = batch.completion_mask.float()  # [B, L]
             if cfg["OVERLONG_FILTERING"]:
                 loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
-            if image_id is not None:
-                vgr = token_vgr(masses, stage_layers(masses.shape[0])[cfg["VGR_LAYERS"]], n_text, n_vision,
-                                cfg["ATTENTION_EXCLUDE_SINK"])  # [B, L]
             if cfg["USE_TOKEN_WEIGHTS"]:
                 weights = token_weights(vgr, batch.completion_mask, cfg["TOKEN_WEIGHT_MIN"], cfg["TOKEN_WEIGHT_MAX"],
                                         cfg["TOKEN_WEIGHT_SMOOTHING"])  # [B, L], mean 1 per sequence
@@ -267,10 +282,17 @@ def main(argv=None):
                 clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], dual_clip=cfg["DUAL_CLIP_C"],
                 kl_beta=cfg["KL_BETA"], entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"],
                 epochs=cfg["PPO_EPOCHS"], mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
-                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], warn=run.warn,
+                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], precision=precision,
+                image_token_id=image_id, warn=run.warn,
             )
             sync_rollout_model(policy, rollout_model)
             update_s = time.time() - t_up
+            if logp_old is None:  # π_old and the masses came from the update
+                logp_old, masses = stats.pop("logp_old"), stats.pop("attention_masses", None)
+                attention, vgr, attention_log = attention_summary(
+                    masses, batch.prompt_inputs, batch.completion_mask, image_id, cfg["ATTENTION_EXCLUDE_SINK"],
+                    cfg["VGR_LAYERS"])
+            metrics.update(attention_log)
             metrics.update({f"policy/{k}": v for k, v in stats.items()})
             metrics["policy/advantage_abs_mean"] = advantages.abs().mean().item()
 
@@ -279,6 +301,7 @@ def main(argv=None):
         if step % cfg["EVAL_EVERY"] == 0 or step == cfg["TOTAL_STEPS"]:
             metrics.update(run_eval())
         run.log_metrics(metrics)
+        tracker.log(metrics, step)
         run.print_metrics(metrics, SHOWN_METRICS)
         last = step == cfg["TOTAL_STEPS"]
         if step % cfg["LOG_EVERY"] == 0 or last:
@@ -288,9 +311,10 @@ def main(argv=None):
             log(f"plots: {', '.join(plot_run(run.dir, compare))}")
         if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or last:
             log(f"checkpoint: {run.save_checkpoint(policy, processor, step)}")
+    tracker.close()
     log(f"done: {run.dir}")
     return run.dir
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

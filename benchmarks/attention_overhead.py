@@ -18,6 +18,14 @@
     The masses of the two paths are checked against each other: asserted to 1e-4 in fp32; in bf16 (3b), where
     eager rounds q.k and its maps to bf16 and the random-init model amplifies rounding layer by layer, layer 0
     is asserted to 5e-2 and the largest difference over all layers is reported.
+(c) --record-memory (alone, no model): peak RSS increase of one BucketMasses.record call (utils/attention.py
+    completion_bucket_masses) at a 7B attention shape: 28 query / 4 key heads, head_dim 128, batch 8, 1,000
+    image + 100 text prompt tokens (left padding in two rows, a bool mask as sdpa gets it), 4,096 completion
+    rows; random bf16 q/k. After: the chunked code at the full shape, measured in a subprocess as in (b). Before:
+    the unchunked record() of commit 61c5216 (`unchunked_record`), which holds up to three fp32 score tensors
+    [B, 28, rows, T] at once; measured for the first --record-before-rows completion rows and twice that (all
+    5,196 keys), and extrapolated linearly to 4,096 rows (peak = fixed + per-row cost), next to the analytic
+    size of the scores alone.
 
 Models: "tiny" is the embedded tiny VLM (ensure_tiny_vlm(<repo>/.cache), fp32) when <repo>/.cache exists,
 else a random-init model of RECIPE's sizes; "3b" is a random-init Qwen2.5-VL with Qwen2.5-VL-3B's text stack
@@ -29,6 +37,7 @@ else a random-init model of RECIPE's sizes; "3b" is a random-init Qwen2.5-VL wit
   python benchmarks/attention_overhead.py --model tiny --memory-seq-len 2048 --memory-batch 8
   python benchmarks/attention_overhead.py --model tiny --skip-memory --repeats 9
   python benchmarks/attention_overhead.py --model tiny --skip-time --malloc default
+  python benchmarks/attention_overhead.py --record-memory                # (c) only, ~2 GB RAM peak
 """
 
 import argparse
@@ -50,10 +59,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 
 from data.prompts import encode_prompts  # noqa: E402
 from data.synthetic import SyntheticVQA  # noqa: E402
-from utils.attention import BucketMasses, key_buckets  # noqa: E402
+from utils.attention import RECORD_BUDGET_BYTES, BucketMasses, completion_bucket_masses, key_buckets  # noqa: E402
 from utils.logprobs import completion_logprobs, full_inputs  # noqa: E402
 from utils.model import load_model, load_processor  # noqa: E402
 from utils.tiny_vlm import RECIPE, build_model, build_processor, ensure_tiny_vlm, train_tokenizer  # noqa: E402
@@ -65,6 +75,7 @@ DEFAULTS = {"tiny": {"batch": 64, "completion_tokens": 10, "step_seconds": 1.74}
             "3b": {"batch": 1, "completion_tokens": 32, "step_seconds": None}}
 TIME_TARGET = 5.0  # extra time of the masses, % of a full training step (tiny default)
 MEMORY_TARGET = 2.0  # peak memory of our path, % of the eager output_attentions path's (seq len >= 1024)
+RECORD_7B = dict(batch=8, heads=28, kv_heads=4, head_dim=128, image_tokens=1000, text_tokens=100, rows=4096)
 FILLER = "the shapes are red. "  # words of the task's own vocabulary: few tokens each, no special tokens
 
 
@@ -188,11 +199,9 @@ def proc_status_kb(field):
     return None
 
 
-def child(args):
-    """Hidden entry point: measure one path's peak-RSS increase over one forward; results to --child-out."""
-    model, processor, _ = load(args.model, "eager" if args.child == "eager" else "sdpa")
-    batch = make_batch(processor, args.memory_batch, args.memory_completion_tokens, min_total=args.memory_seq_len)
-    weights = fingerprint(model)
+def reset_peak_rss():
+    """Return freed heap to the OS and set the kernel's peak-RSS mark to the current RSS (so an earlier transient
+    peak does not hide the next one). Returns (whether the mark was reset, VmRSS kB, ru_maxrss kB)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap (loading, tokenising) back to the OS
@@ -204,7 +213,17 @@ def child(args):
         reset = True
     except OSError:
         reset = False
-    rss_before, max_before = proc_status_kb("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return reset, proc_status_kb("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def child(args):
+    """Hidden entry point: measure one path's peak-RSS increase over one forward; results to --child-out."""
+    if args.child == "record":
+        return record_child(args)
+    model, processor, _ = load(args.model, "eager" if args.child == "eager" else "sdpa")
+    batch = make_batch(processor, args.memory_batch, args.memory_completion_tokens, min_total=args.memory_seq_len)
+    weights = fingerprint(model)
+    reset, rss_before, max_before = reset_peak_rss()
     start = time.perf_counter()
     if args.child == "eager":
         logp, masses = eager_pass(model, batch)
@@ -242,6 +261,102 @@ def run_child(args, path, workdir):
 def measure_memory(args):
     with tempfile.TemporaryDirectory() as workdir:
         return {path: run_child(args, path, workdir) for path in ("plain", "ours", "eager")}
+
+
+# ── (c) memory of one record() call at a 7B attention shape ───────────────────────────────────────────────
+def unchunked_record(query, key, attention_mask, scaling, first_row, n_rows, buckets):
+    """BucketMasses.record as it was before chunking (commit 61c5216), for the "before" figure: the scores of all
+    rows at once, keys repeated to the query heads."""
+    rows = torch.arange(first_row, first_row + n_rows)
+    q = query[:, :, rows].float()  # [B, H, L, D]
+    k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # [B, H, T, D]
+    scores = torch.einsum("bhld,bhtd->bhlt", q, k) * scaling
+    allowed = attention_mask[:, :, rows]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num()  # [B, H, L, T]
+    return torch.einsum("bhlt,btk->blk", probs, buckets) / probs.shape[1]
+
+
+def record_inputs(seed=0):
+    """Random bf16 q [B, 28, T, 128], k [B, 4, T, 128], the bool mask sdpa gets [B, 1, T, T] (rows 1 and 2
+    left-padded by 10 and 30 tokens) and the key buckets [B, T, 4], for 1,100 prompt + 4,096 completion tokens.
+    Returns them and the first completion row."""
+    s = RECORD_7B
+    prompt = s["image_tokens"] + s["text_tokens"]
+    T = prompt + s["rows"]
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(s["batch"], s["heads"], T, s["head_dim"], generator=g, dtype=torch.bfloat16)
+    key = torch.randn(s["batch"], s["kv_heads"], T, s["head_dim"], generator=g, dtype=torch.bfloat16)
+    valid = torch.ones(s["batch"], T, dtype=torch.bool)
+    valid[1, :10], valid[2, :30] = False, False
+    mask = torch.ones(T, T, dtype=torch.bool).tril() & valid[:, None, None, :]
+    ids = torch.zeros(s["batch"], T, dtype=torch.long)
+    ids[:, 50 : 50 + s["image_tokens"]] = 1  # image token id 1
+    return query, key, mask, key_buckets(ids, valid.long(), prompt, 1), prompt - 1
+
+
+def record_child(args):
+    """Hidden entry point: peak-RSS increase of one record() computation ("chunked" or "unchunked") over the first
+    --record-rows completion rows, all 5,196 keys."""
+    rows = args.record_rows
+    query, key, mask, buckets, first_row = record_inputs()
+    scaling = RECORD_7B["head_dim"] ** -0.5
+    reset, rss_before, max_before = reset_peak_rss()
+    start = time.perf_counter()
+    if args.record_mode == "chunked":
+        masses = completion_bucket_masses(query, key, mask, scaling, first_row, rows, buckets, args.record_budget)
+    else:
+        masses = unchunked_record(query, key, mask, scaling, first_row, rows, buckets)
+    seconds = time.perf_counter() - start
+    max_after, hwm_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, proc_status_kb("VmHWM")
+    torch.save(masses[:, :64], args.child_out + ".pt")  # the first rows, to check chunked == unchunked
+    with open(args.child_out, "w") as f:
+        json.dump({"maxrss_increase_kb": max_after - max_before, "hwm_increase_kb": hwm_after - rss_before
+                   if reset else None, "seconds": seconds, "rows": rows}, f)
+
+
+def run_record_child(args, mode, rows, workdir):
+    out = os.path.join(workdir, f"record-{mode}-{rows}")
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--child", "record",
+           "--child-out", out, "--record-mode", mode, "--record-rows", str(rows),
+           "--record-budget", str(args.record_budget)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # large blocks mmapped, unmapped on free (see (b))
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"record memory subprocess ({mode}, {rows} rows) failed ({done.returncode}):\n"
+                         f"{done.stderr[-4000:]}")
+    with open(out) as f:
+        result = json.load(f)
+    result["masses"] = torch.load(out + ".pt")
+    print(f"  {mode:<9} {rows:5d} rows: +{mib(result['maxrss_increase_kb']):8.1f} MiB peak RSS "
+          f"({result['seconds']:.1f} s)", flush=True)
+    return result
+
+
+def record_memory(args):
+    """(c): print the peak transient memory of one record() call at the 7B shape, before and after chunking."""
+    s = RECORD_7B
+    rows, small = s["rows"], args.record_before_rows
+    T = s["image_tokens"] + s["text_tokens"] + rows
+    print(f"(c) one record() call: batch {s['batch']}, {s['heads']}/{s['kv_heads']} heads, head_dim {s['head_dim']}, "
+          f"{s['image_tokens']} image + {s['text_tokens']} text prompt tokens, {rows} completion rows (T = {T}), "
+          f"bf16 q/k; each in its own subprocess, peak RSS increase", flush=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        before = [run_record_child(args, "unchunked", n, workdir) for n in (small, 2 * small)]
+        check = run_record_child(args, "chunked", 2 * small, workdir)
+        after = run_record_child(args, "chunked", rows, workdir)
+    diff = (check["masses"] - before[1]["masses"]).abs().max().item()
+    assert diff < 1e-5, f"chunked and unchunked masses differ by {diff}"
+    per_row = (before[1]["maxrss_increase_kb"] - before[0]["maxrss_increase_kb"]) / small
+    fixed = before[0]["maxrss_increase_kb"] - per_row * small
+    extrapolated = fixed + per_row * rows
+    scores = s["batch"] * s["heads"] * rows * T * 4
+    print(f"    fp32 scores [B, {s['heads']}, {rows}, {T}] alone (analytic): {scores / 2**30:.1f} GiB")
+    print(f"    before (unchunked): {mib(extrapolated) / 1024:.1f} GiB, extrapolated from {small} and {2 * small} rows "
+          f"({mib(fixed):.0f} MiB fixed + {mib(per_row):.2f} MiB per row = {per_row * 1024 / (scores / rows):.2f} "
+          f"x the scores of one row)")
+    print(f"    after (chunks under RECORD_BUDGET_BYTES = {args.record_budget / 2**20:g} MiB): "
+          f"{mib(after['maxrss_increase_kb']):.0f} MiB measured at the full shape ({after['seconds']:.0f} s on the "
+          f"CPU, under load: not a timing); chunked vs unchunked masses: max |diff| {diff:.1e}")
 
 
 # ── (a) time ───────────────────────────────────────────────────────────────────────────────────────────────
@@ -287,7 +402,14 @@ def main():
                         "or glibc's adaptive default")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
-    p.add_argument("--child", choices=["plain", "ours", "eager"], help=argparse.SUPPRESS)
+    p.add_argument("--record-memory", action="store_true",
+                   help="only (c): peak memory of one record() call at a 7B attention shape, before/after chunking")
+    p.add_argument("--record-before-rows", type=int, default=64,
+                   help="(c) the unchunked code is measured at this many completion rows and twice that")
+    p.add_argument("--record-budget", type=int, default=RECORD_BUDGET_BYTES, help="(c) bytes per record() call")
+    p.add_argument("--record-mode", choices=["chunked", "unchunked"], help=argparse.SUPPRESS)
+    p.add_argument("--record-rows", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["plain", "ours", "eager", "record"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     d = DEFAULTS[args.model]
@@ -301,6 +423,8 @@ def main():
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
+    if args.record_memory:
+        return record_memory(args)
 
     memory = None
     if not args.skip_memory:  # first, while this process is small: a child's ru_maxrss starts at its parent's peak

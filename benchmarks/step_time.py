@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import dapo as D  # noqa: E402  (the trainer's constants)
 from data.synthetic import SyntheticVQA  # noqa: E402
 from utils.logprobs import batched_logprobs  # noqa: E402
-from utils.model import default_dtype, load_model, load_processor, resolve_devices, suppressed_token_ids  # noqa: E402
+from utils.model import load_model, load_processor, resolve_devices, suppressed_token_ids  # noqa: E402
 from utils.rewards import score_completions  # noqa: E402
 from utils.rl import group_advantages, overlong_loss_mask  # noqa: E402
 from utils.rollout import generate, select_rows  # noqa: E402
@@ -52,11 +52,11 @@ def load(spec, device):
         tokenizer = train_tokenizer(RECIPE["vocab_size"])
         processor = build_processor(tokenizer, RECIPE["vision"]["patch_size"], RECIPE["image_size"])
         model = build_model(tokenizer, *sizes[spec[7:]], seed=0)
-        return model.to(device, default_dtype(device)), processor
+        return model.to(device), processor
     path = ensure_tiny_vlm(os.path.join(ROOT, ".cache")) if spec == "embedded" else spec
     if not os.path.isdir(path):
         raise SystemExit(f"--model {spec!r}: not 'embedded', 'random:<preset>' or a local folder")
-    return load_model(path, device, default_dtype(device)), load_processor(path)
+    return load_model(path, device, torch.float32), load_processor(path)  # fp32: the trainers' CPU default
 
 
 def one_step(args, policy, reference, optimizer, processor, examples, suppress, device):

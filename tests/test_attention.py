@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.synthetic import SyntheticVQA
-from utils.attention import BUCKETS, BucketMasses, key_buckets
+from utils.attention import BUCKETS, BucketMasses, completion_bucket_masses, key_buckets, row_chunk
 from utils.logprobs import full_inputs
 from utils.model import load_model, load_processor
 from utils.rollout import generate
@@ -33,8 +33,10 @@ def reference_masses(attentions, buckets, prompt_length, completion_mask):
 
 
 @pytest.mark.parametrize("padded", [True, False])
-def test_bucket_masses_match_eager_attention_and_leave_logits_unchanged(tiny_vlm_path, padded):
-    """padded: left-padded prompts and a shorter completion (sdpa gets a mask); else one row (no mask at all)."""
+@pytest.mark.parametrize("budget_bytes", [None, 1])
+def test_bucket_masses_match_eager_attention_and_leave_logits_unchanged(tiny_vlm_path, padded, budget_bytes):
+    """padded: left-padded prompts and a shorter completion (sdpa gets a mask); else one row (no mask at all).
+    budget_bytes=1: one query row per chunk; None: the default budget (one chunk here)."""
     processor = load_processor(tiny_vlm_path)
     model = load_model(tiny_vlm_path, "cpu", torch.float32)
     data = SyntheticVQA(4, seed=5, split="test")
@@ -52,7 +54,8 @@ def test_bucket_masses_match_eager_attention_and_leave_logits_unchanged(tiny_vlm
     with torch.no_grad():
         plain = model(**inputs).logits
         image_id = model.config.image_token_id
-        with BucketMasses(model, rollout.prompt_inputs, rollout.completion_mask, image_id) as collector:
+        budget = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
+        with BucketMasses(model, rollout.prompt_inputs, rollout.completion_mask, image_id, **budget) as collector:
             hooked = model(**inputs).logits
         eager = load_model(tiny_vlm_path, "cpu", torch.float32)
         eager.set_attn_implementation("eager")
@@ -71,6 +74,37 @@ def test_bucket_masses_match_eager_attention_and_leave_logits_unchanged(tiny_vlm
     valid = rollout.completion_mask.bool()
     assert torch.allclose(masses.sum(-1)[:, valid], torch.ones(layers, int(valid.sum())), atol=1e-5)
     assert (masses[..., 1][:, valid] > 0).all()  # every completion row looks at the image a little
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_chunked_bucket_masses_equal_unchunked(mask_kind):
+    """A budget of one byte (one query row per chunk) gives what one chunk gives, and both match softmax(q·kᵀ)
+    with the keys repeated to the query heads. Grouped-query attention (6 query heads, 2 key heads); "bool" and
+    "additive": left padding (rows 1 and 2 start late) through sdpa's two mask types; "none": the is_causal path."""
+    torch.manual_seed(0)
+    B, H, kv_heads, T, D, first_row, n_rows = 3, 6, 2, 13, 8, 4, 8  # rows 4..11 predict the 8 completion tokens
+    query, key = torch.randn(B, H, T, D), torch.randn(B, kv_heads, T, D)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    ids[:, 3] = 3  # the image token (prompt: positions 0..4)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if mask_kind != "none":
+        valid[1, :1], valid[2, :2] = False, False
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() & valid[:, None, None, :]  # [B, 1, T, T]
+    mask = {"none": None, "bool": allowed,
+            "additive": torch.zeros(B, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    buckets = key_buckets(ids, valid.long(), first_row + 1, image_token_id=3)
+    scaling = D**-0.5
+
+    assert row_chunk(B, H, T, D, 1) == 1
+    chunked = completion_bucket_masses(query, key, mask, scaling, first_row, n_rows, buckets, budget_bytes=1)
+    whole = completion_bucket_masses(query, key, mask, scaling, first_row, n_rows, buckets, budget_bytes=2**40)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+
+    k = key.repeat_interleave(H // kv_heads, 1)  # [B, H, T, D]: query head h reads key head h // (H / kv_heads)
+    scores = (query @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(-1)[:, :, first_row : first_row + n_rows].mean(1)  # [B, n_rows, T]
+    assert torch.allclose(chunked, probs @ buckets, atol=1e-5)
+    assert torch.allclose(chunked.sum(-1), torch.ones(B, n_rows), atol=1e-5)
 
 
 def constructed_masses():

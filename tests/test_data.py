@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from data import PromptSampler, load_datasets
-from data.hf import VQADataset, parse_solution
+from data.hf import VQADataset
 from data.synthetic import LETTERS, SyntheticVQA
+from utils.rewards import gold_answer
 
 
 def test_synthetic_is_deterministic_and_splits_differ():
@@ -53,8 +54,8 @@ def test_prompt_sampler_covers_the_data_before_repeating():
 
 @pytest.mark.parametrize("raw, parsed", [("B", "B"), ("<answer> C </answer>", "C"), ("Answer: D", "D"), ("  ", None),
                                          ("Answer: (B)", "B"), ("B.", "B"), (3, "3"), ("The answer is B", None)])
-def test_parse_solution(raw, parsed):
-    assert parse_solution(raw) == parsed
+def test_gold_answer(raw, parsed):
+    assert gold_answer(raw) == parsed
 
 
 def write_bad_jsonl(folder):

@@ -169,3 +169,25 @@ def test_ppo_two_steps(tmp_path):
     assert rows[1]["critic/values/mean"] == 0.0  # the value head starts at zero ...
     assert rows[2]["critic/values/mean"] != 0.0  # ... and the warm-up step trained it
     assert "**Critic**" in open(os.path.join(ppo_dir, "run_terminal.md")).read()
+
+
+@pytest.mark.parametrize("script, extra", [("dapo.py", ()), ("grpo.py", ()),
+                                           ("ppo.py", ("--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6",
+                                                       "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False"))])
+def test_bf16_mixed_on_cpu(tiny_vlm_path, tmp_path, script, extra):
+    """fp32 master weights, bf16 compute and a bf16 generation copy (the GPU's numerics, on the CPU)."""
+    run_dir = run_trainer(script, tmp_path / "runs", "--PRECISION=bf16-mixed", "--PLOT_EVERY=0", *extra)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert json.load(open(os.path.join(run_dir, "config.json")))["PRECISION"] == "bf16-mixed"
+    assert "in bf16-mixed, generation by a torch.bfloat16 copy" in open(os.path.join(run_dir, "run_terminal.md")).read()
+    trained = [r for r in rows[1:] if r.get("policy/updates")]
+    assert trained, "no step trained"
+    for row in trained:  # the bf16 copy computed π_old, the fp32 policy under autocast the update
+        assert 0 < row["policy/logp_mismatch"] < 0.1 and math.isfinite(row["policy/loss"])
+        assert row["policy/skipped_updates"] == 0 and 0 <= row["eval/accuracy"] <= 1
+    if script == "ppo.py":
+        assert all(math.isfinite(r["critic/value_loss"]) for r in rows[1:])
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(run_dir, "checkpoints", "step_2", "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())  # the fp32 master weights, not a bf16 rounding

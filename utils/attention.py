@@ -11,18 +11,25 @@ recomputes softmax(q·kᵀ) for the completion rows only, under no_grad, and sto
 
 Pitfalls handled: the vision tower calls attention too (only modules with a `layer_idx`, the decoder layers,
 are recorded); a custom attention function needs a mask function too, or padding would be ignored (the sdpa
-one is registered with it); grouped-query attention (keys are repeated to the query heads); left padding (the
-sink is the first *valid* prompt token of each row).
+one is registered with it); grouped-query attention (the query heads are grouped by their key head, so the
+keys are not copied per query head); left padding (the sink is the first *valid* prompt token of each row).
+
+Memory: the fp32 scores of all completion rows at once would be [B, heads, L, T] — 19 GB per layer call at a 7B
+shape (28 heads, batch 8, 4,096 completion + 1,100 prompt tokens). They are computed in chunks of query rows
+sized so that the fp32 copy of the keys ([B, kv_heads, T, D]; none if they are fp32 already) and one chunk's
+transients (scores, mask, queries) stay under RECORD_BUDGET_BYTES, plus the [B, L, 4] result. (At least one
+row per chunk: past ~16k keys at that shape the keys alone exceed the budget.)
 """
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 BUCKETS = ("sink", "vision", "text", "completion")
 NAME = "sdpa_bucket_masses"
 _active = []  # the BucketMasses collecting right now (at most one)
+RECORD_BUDGET_BYTES = 256 * 2**20  # transient memory of one record() call (one layer), bytes; sets the row chunk
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
@@ -51,36 +58,75 @@ def key_buckets(input_ids, attention_mask, prompt_length, image_token_id):
     return torch.stack([sink, vision, text, completion], -1).float()
 
 
+def row_chunk(batch, heads, keys, head_dim, budget_bytes):
+    """Query rows per chunk of completion_bucket_masses: fp32 scores [B, heads, rows, keys], the bool mask
+    [B, rows, keys] and fp32 queries [B, heads, rows, head_dim] stay under budget_bytes (at least one row)."""
+    per_row = batch * (heads * keys * 4 + keys + heads * head_dim * 4)
+    return max(1, budget_bytes // per_row)
+
+
+@torch.no_grad()
+def completion_bucket_masses(query, key, attention_mask, scaling, first_row, n_rows, buckets,
+                             budget_bytes=RECORD_BUDGET_BYTES):
+    """Attention mass of query rows first_row .. first_row+n_rows-1 on each key bucket, averaged over heads:
+    [B, n_rows, 4].
+
+    query [B, H, T, D]; key [B, H_kv, T, D] (H = H_kv·G: query head h reads key head h // G); attention_mask: the
+    one sdpa got ([B, 1, T, T] bool or additive float) or None (sdpa's is_causal path: no padding); buckets
+    [B, T, 4] (key_buckets). softmax(q·kᵀ·scaling) in fp32, in chunks of rows (row_chunk) sized so that the
+    fp32 keys and one chunk stay under budget_bytes. Fully masked rows give 0.
+    """
+    B, H, _, D = query.shape
+    kv_heads, T = key.shape[1], key.shape[2]
+    groups = H // kv_heads
+    keys_t = key.float().transpose(-1, -2)  # [B, H_kv, D, T]
+    out = torch.empty(B, n_rows, 4, device=query.device)
+    key_copy = 0 if key.dtype == torch.float32 else key.numel() * 4  # keys_t is a new tensor unless fp32
+    chunk = row_chunk(B, H, T, D, budget_bytes - key_copy)
+    for start in range(0, n_rows, chunk):
+        rows = slice(first_row + start, first_row + min(start + chunk, n_rows))
+        n = rows.stop - rows.start
+        q = query[:, :, rows].float().reshape(B, kv_heads, groups * n, D)  # heads of a key head together
+        scores = torch.matmul(q, keys_t).mul_(scaling).view(B, H, n, T)  # query head h = kv head · G + g
+        del q
+        if attention_mask is None:
+            blocked = torch.ones(n, T, dtype=torch.bool, device=query.device).triu_(rows.start + 1)
+        elif attention_mask.dtype == torch.bool:
+            blocked = ~attention_mask[:, :, rows]  # [B, 1, n, T]
+        else:
+            blocked = attention_mask[:, :, rows] <= torch.finfo(attention_mask.dtype).min / 2
+        scores.masked_fill_(blocked, float("-inf"))
+        del blocked
+        scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # softmax in place: one [B, H, n, T] buffer
+        scores.div_(scores.sum(-1, keepdim=True)).nan_to_num_(0.0)  # fully masked rows: 0/0 -> 0
+        out[:, start : start + n] = torch.matmul(scores.view(B, H * n, T), buckets).view(B, H, n, 4).mean(1)
+        del scores  # before the next chunk's scores are allocated, not after
+    return out
+
+
 class BucketMasses:
     """Context manager that records the bucket masses of one forward pass of `model` (see module docstring)."""
 
-    def __init__(self, model, prompt_inputs, completion_mask, image_token_id):
-        self.model = model
+    def __init__(self, model, prompt_inputs, completion_mask, image_token_id, budget_bytes=RECORD_BUDGET_BYTES):
+        self.model, self.budget_bytes = model, budget_bytes
         ids = torch.cat([prompt_inputs["input_ids"], torch.zeros_like(completion_mask)], 1)
         mask = torch.cat([prompt_inputs["attention_mask"], completion_mask], 1)
-        prompt_length, length = prompt_inputs["input_ids"].shape[1], completion_mask.shape[1]
+        prompt_length = prompt_inputs["input_ids"].shape[1]
         device = next(model.parameters()).device
         self.buckets = key_buckets(ids, mask, prompt_length, image_token_id).to(device)  # [B, T, 4]
-        self.rows = torch.arange(prompt_length - 1, prompt_length - 1 + length, device=device)  # predict token t
+        self.first_row = prompt_length - 1  # query row first_row + t predicts completion token t
         self.row_mask = completion_mask.to(device).float()  # [B, L]
         self.per_layer = {}
 
-    @torch.no_grad()
     def record(self, module, query, key, attention_mask, scaling):
-        if key.shape[2] != self.buckets.shape[1]:  # a shared prompt's own pass (utils/logprobs.py): no completion
+        offset = key.shape[2] - query.shape[2]  # > 0: the prompt ran before, from a shared KV cache (utils/logprobs.py)
+        if key.shape[2] != self.buckets.shape[1]:  # that shared prompt's own pass: no completion rows
             return
-        rows = self.rows - (key.shape[2] - query.shape[2])  # the queries are the last positions of the sequence
-        q = query[:, :, rows].float()  # [B, H, L, D]
-        k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # [B, H, T, D]
-        scores = torch.einsum("bhld,bhtd->bhlt", q, k) * scaling
-        if attention_mask is None:  # sdpa's is_causal path: no padding in the batch
-            allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril(int(self.rows[0]))
-        elif attention_mask.dtype == torch.bool:
-            allowed = attention_mask[:, :, rows]
-        else:
-            allowed = attention_mask[:, :, rows] > torch.finfo(attention_mask.dtype).min / 2
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num()  # [B, H, L, T]
-        masses = torch.einsum("bhlt,btk->blk", probs, self.buckets) / probs.shape[1]  # mean over heads
+        if offset and attention_mask is None:  # causal over the whole sequence: query row r is position r + offset
+            attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+            attention_mask = attention_mask.tril_(offset)[None, None]
+        masses = completion_bucket_masses(query, key, attention_mask, scaling, self.first_row - offset,
+                                          self.row_mask.shape[1], self.buckets, self.budget_bytes)
         self.per_layer[module.layer_idx] = masses * self.row_mask.unsqueeze(-1)
 
     @property
@@ -254,3 +300,14 @@ def token_weight_metrics(weights, mask):
     w = weights[mask.bool()]
     return {"policy/token_weight_mean": w.mean().item(), "policy/token_weight_std": w.std().item(),
             "policy/token_weight_min": w.min().item(), "policy/token_weight_max": w.max().item()}
+
+
+def attention_summary(masses, prompt_inputs, completion_mask, image_token_id, exclude_sink=True, vgr_layers="late"):
+    """Everything the trainers take from a batch's bucket masses: (per-sample metrics {stage: {metric: [B]}},
+    VGR [B, L] over the `vgr_layers` stage, the batch's `attention/*` metrics). (None, None, {}) without masses."""
+    if masses is None:
+        return None, None, {}
+    n_text, n_vision = prompt_token_counts(prompt_inputs, image_token_id)  # [B] each
+    per_sample = sample_metrics(masses, completion_mask, n_text, n_vision, exclude_sink)
+    vgr = token_vgr(masses, stage_layers(masses.shape[0])[vgr_layers], n_text, n_vision, exclude_sink)
+    return per_sample, vgr, batch_metrics(per_sample, n_text, n_vision)

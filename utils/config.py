@@ -3,6 +3,13 @@
 import ast
 import difflib
 import json
+import os
+import re
+import sys
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for (a constant, a path): reported as one line, no traceback."""
 
 
 def constants_of(namespace):
@@ -17,7 +24,7 @@ def constants_of(namespace):
 def parse_value(key, text, default):
     """`text` converted to the type of `default`; a clear error when it does not fit."""
     def fail(expected):
-        raise ValueError(f"--{key}={text}: expected {expected} (default is {default!r})")
+        raise UserError(f"--{key}={text}: expected {expected} (default is {default!r})")
 
     if isinstance(default, bool):
         lowered = text.strip().lower()
@@ -59,12 +66,12 @@ def apply_overrides(config, argv):
     config = dict(config)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"argument {arg!r} is not of the form --KEY=value (e.g. --TOTAL_STEPS=10)")
+            raise UserError(f"argument {arg!r} is not of the form --KEY=value (e.g. --TOTAL_STEPS=10)")
         key, text = arg[2:].split("=", 1)
         if key not in config:
             close = difflib.get_close_matches(key.upper(), list(config), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown constant --{key}{hint}")
+            raise UserError(f"unknown constant --{key}{hint}")
         config[key] = parse_value(key, text, config[key])
     return config
 
@@ -76,11 +83,13 @@ def format_config(config):
 
 
 CHOICES = {"LOSS_AGGREGATION": ("token", "sample"), "LR_SCHEDULE": ("constant", "cosine"),
-           "VGR_LAYERS": ("early", "middle", "late", "all"), "DYNAMIC_SAMPLING_MODE": ("refill", "topup")}
+           "VGR_LAYERS": ("early", "middle", "late", "all"), "DYNAMIC_SAMPLING_MODE": ("refill", "topup"),
+           "PRECISION": ("auto", "bf16-mixed", "fp32")}
 AT_LEAST = {"GROUP_SIZE": 1, "TRAIN_BATCH_PROMPTS": 1, "TOTAL_STEPS": 1, "MAX_GEN_BATCHES": 1, "PPO_EPOCHS": 1,
             "MINI_BATCHES": 1, "MICRO_BATCH_SIZE": 1, "MAX_NEW_TOKENS": 1, "EVAL_EVERY": 1, "EVAL_SAMPLES": 1,
             "REPLAY_BUFFER_SIZE": 0, "REWARD_SWITCH_STEP": 0, "CRITIC_WARMUP_STEPS": 0, "VF_COEF": 0.0,
-            "CLIP_RANGE_VALUE": 0.0, "KL_COEF": 0.0}
+            "CLIP_RANGE_VALUE": 0.0, "KL_COEF": 0.0, "MAX_PROMPT_TOKENS": 0,
+            "MIN_PIXELS": 0, "MAX_PIXELS": 0}
 REWARD_NAMES = ("accuracy", "format", "mdi")
 
 
@@ -119,3 +128,78 @@ def check_values(config, min_group_size=2):
         raise ValueError("USE_TOKEN_WEIGHTS and the MDI reward (W_MDI) need ATTENTION_METRICS=True")
     if not 0 < config.get("TOKEN_WEIGHT_MIN", 0.2) <= 1 <= config.get("TOKEN_WEIGHT_MAX", 3.0):
         raise ValueError("token weight bounds must satisfy 0 < TOKEN_WEIGHT_MIN <= 1 <= TOKEN_WEIGHT_MAX")
+    check_paths(config)
+    if "REPORT_TO" in config:
+        from utils.trackers import tracker_names
+
+        tracker_names(config["REPORT_TO"])
+
+
+def check_paths(config):
+    """ValueError for a model or data path that looks local but does not exist (hub names are left to the hub), or
+    a local model folder of a type the trainers do not support."""
+    from data import check_source
+
+    model = config.get("MODEL_NAME_OR_PATH", "")
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
+    if model and model != "embedded-tiny-vlm" and looks_local and not os.path.exists(model):
+        raise ValueError(f"MODEL_NAME_OR_PATH={model!r}: no such folder (and not a hub name like "
+                         f"'Qwen/Qwen2.5-VL-3B-Instruct')")
+    if model and os.path.isdir(model):  # a local checkpoint: is it a model type the trainers support?
+        from utils.model import model_class_for
+
+        model_class_for(model, config.get("TRUST_REMOTE_CODE", False))
+    if config.get("DATASET", "synthetic") != "synthetic":
+        check_source(config["DATASET"], "DATASET")
+    if config.get("EVAL_DATASET") and config["EVAL_DATASET"] != "synthetic":
+        check_source(config["EVAL_DATASET"], "EVAL_DATASET")
+
+
+# ── Command line ──
+
+BANNER = re.compile(r"^# ── (.+?) ─")
+
+
+def help_text(path, config):
+    """`--help` of a trainer script: its docstring's first line, then every constant with its default and
+    comment, grouped under the file's `# ── Section ──` banners."""
+    source = open(path).read()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    script = os.path.basename(path)
+    out = [f"usage: python {script} [--KEY=value ...]", "", (ast.get_docstring(tree) or "").splitlines()[0], "",
+           f"Every constant at the top of {script} can be overridden with --KEY=value (defaults shown):"]
+    assigned = {node.lineno: node for node in tree.body if isinstance(node, ast.Assign)
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id in config}
+    for lineno, line in enumerate(lines, 1):
+        banner = BANNER.match(line)
+        if banner:
+            out += ["", banner.group(1) + ":"]
+        elif lineno in assigned:
+            node = assigned[lineno]
+            name = node.targets[0].id
+            end_line = lines[node.end_lineno - 1]
+            comment = end_line.split("  # ", 1)[1].strip() if "  # " in end_line else ""
+            out.append(f"  --{name}={config[name]!r}")
+            if comment:
+                out.append(f"      {comment}")
+    return "\n".join(out)
+
+
+def run_cli(main, argv=None):
+    """Run a trainer's main(argv) from the command line: `-h`/`--help` prints every constant; a user error (a
+    bad constant or value, a missing file or folder, an unsupported model) prints one line to stderr and exits
+    with status 2. RL_TRACEBACK=1 shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        module = sys.modules[main.__module__]
+        print(help_text(module.__file__, constants_of(vars(module))))
+        sys.exit(0)
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:  # UserError is a ValueError; OSError: files, hub lookups
+        if os.environ.get("RL_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from utils.logprobs import completion_hidden_states
+from utils.precision import autocast, no_autocast
 from utils.rollout import slice_inputs
 
 
@@ -25,18 +26,24 @@ class Critic(nn.Module):
 
     def values(self, hidden):
         """Values [b, L] (float32) from completion_hidden_states of the backbone, [b, L+1, H]. A policy that
-        shares the backbone passes the hidden states of its own forward pass, so both come from one pass."""
-        return self.head(hidden[:, :-1].float()).squeeze(-1)
+        shares the backbone passes the hidden states of its own forward pass, so both come from one pass. The head
+        runs in fp32 even inside a bf16 autocast region."""
+        with no_autocast(hidden.device):
+            return self.head(hidden[:, :-1].float()).squeeze(-1)
 
     def forward(self, prompt_inputs, completion_ids, completion_mask):
         """Values [b, L] of a batch: prompt_inputs [b, P] processor batch, completion_ids/mask [b, L]."""
         return self.values(completion_hidden_states(self.backbone, prompt_inputs, completion_ids, completion_mask))
 
     @torch.no_grad()
-    def batched(self, prompt_inputs, completion_ids, completion_mask, micro_batch_size):
-        """forward over a whole batch in micro-batches, without gradients. Returns [B, L] on CPU."""
+    def batched(self, prompt_inputs, completion_ids, completion_mask, micro_batch_size, precision="fp32"):
+        """forward over a whole batch in micro-batches, without gradients, in `precision` (utils/precision.py).
+        Returns [B, L] on CPU."""
         out = []
+        device = self.head.weight.device
         for start in range(0, completion_ids.shape[0], micro_batch_size):
             rows = slice(start, start + micro_batch_size)
-            out.append(self(slice_inputs(prompt_inputs, rows), completion_ids[rows], completion_mask[rows]).cpu())
+            with autocast(precision, device):
+                values = self(slice_inputs(prompt_inputs, rows), completion_ids[rows], completion_mask[rows])
+            out.append(values.cpu())
         return torch.cat(out)

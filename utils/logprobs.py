@@ -1,10 +1,13 @@
 """Teacher-forced per-token log-probs and exact entropy of completions."""
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from utils.attention import BucketMasses
 from utils.generation import prompt_positions
 from utils.rollout import slice_inputs
+
+LOGITS_BUDGET_BYTES = 256 * 2**20  # fp32 logits of one chunk of logprobs_from_hidden, bytes; sets the chunk length
 
 
 def full_inputs(prompt_inputs, completion_ids, completion_mask):
@@ -26,9 +29,11 @@ def prompt_runs(prompt_inputs):
     (first rows [n], run lengths [n]) as python lists."""
     ids, mask = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]
     same = ((ids[1:] == ids[:-1]) & (mask[1:] == mask[:-1])).all(1).tolist()  # row i+1 has row i's text
-    if "pixel_values" in prompt_inputs:  # ... and its images
-        pixels = [slice_inputs(prompt_inputs, [i])["pixel_values"] for i in range(len(ids))]
-        same = [s and torch.equal(pixels[i + 1], pixels[i]) for i, s in enumerate(same)]
+    if "pixel_values" in prompt_inputs:  # ... and its images (a text-only row has none)
+        rows = [slice_inputs(prompt_inputs, [i]) for i in range(len(ids))]
+        images = [(r.get("pixel_values"), r.get("image_grid_thw")) for r in rows]
+        same = [s and all(a is b or (a is not None and b is not None and torch.equal(a, b))
+                          for a, b in zip(images[i + 1], images[i])) for i, s in enumerate(same)]
     firsts = [0] + [i + 1 for i, s in enumerate(same) if not s]
     return firsts, [b - a for a, b in zip(firsts, firsts[1:] + [len(ids)])]
 
@@ -66,15 +71,42 @@ def completion_hidden_states(backbone, prompt_inputs, completion_ids, completion
     return out.last_hidden_state
 
 
-def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_entropy=False):
+def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_entropy=False,
+                         budget_bytes=LOGITS_BUDGET_BYTES):
     """Log-prob of each completion token (and the exact entropy of each next-token distribution) from
     completion_hidden_states: hidden [b, L+1, H], completion_ids [b, L]. Returns logp [b, L], entropy [b, L] or None.
-    Logits are divided by the sampling temperature so that log-probs are those of the sampling policy."""
-    logits = model.lm_head(hidden)[:, :-1].float() / temperature  # [b, L, V]; position t predicts token t
-    completion_ids = completion_ids.to(logits.device)
-    log_probs = torch.log_softmax(logits, -1)
-    logp = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    Logits are divided by the sampling temperature so that log-probs are those of the sampling policy.
+
+    The logits are fp32 (hidden and lm_head weight cast to fp32, autocast off): a bf16 LM head makes training and
+    sampling probabilities disagree (MiniMax-M1). They are never held whole ([b, L, vocab] fp32 is 20 GB for 8 x
+    4,096 tokens of Qwen's 151,936-token vocabulary): the sequence is cut into chunks whose logits stay under
+    budget_bytes; with gradients each chunk is checkpointed (only its hidden states are saved, its logits are
+    recomputed in backward, one chunk at a time).
+    """
+    hidden = hidden[:, :-1]  # [b, L, H]; position t predicts token t
+    completion_ids = completion_ids.to(hidden.device)
+    weight = model.lm_head.weight.float()  # [V, H]; a no-op for fp32 weights
+    bias = None if model.lm_head.bias is None else model.lm_head.bias.float()
+    b, L, _ = hidden.shape
+    chunk = max(1, budget_bytes // (b * weight.shape[0] * 4))  # tokens per chunk
+
+    def chunk_logprobs(h, ids, weight, bias):  # h [b, c, H], ids [b, c] -> logp [b, c], entropy [b, c]
+        with torch.autocast(h.device.type, enabled=False):
+            log_probs = torch.log_softmax(torch.nn.functional.linear(h.float(), weight, bias) / temperature, -1)
+            logp = log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else torch.zeros_like(logp)
+        return logp, entropy
+
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = []
+    for start in range(0, L, chunk):
+        h, ids = hidden[:, start : start + chunk], completion_ids[:, start : start + chunk]
+        if with_grad:
+            parts.append(checkpoint(chunk_logprobs, h, ids, weight, bias, use_reentrant=False))
+        else:
+            parts.append(chunk_logprobs(h, ids, weight, bias))
+    logp = torch.cat([p[0] for p in parts], 1)
+    entropy = torch.cat([p[1] for p in parts], 1) if with_entropy else None
     return logp, entropy
 
 

@@ -12,6 +12,7 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
 )
+from transformers.image_utils import SizeDict
 
 EMBEDDED_MODEL = "embedded-tiny-vlm"
 # Tokens a policy must never sample: they only ever come from the processor.
@@ -29,16 +30,38 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
 
 
-def load_processor(path, trust_remote_code=False):
-    """Processor for a Qwen2-VL / Qwen2.5-VL checkpoint (hub name or folder), tokenizer padded on the left."""
+def load_processor(path, trust_remote_code=False, min_pixels=0, max_pixels=0):
+    """Processor for a Qwen2-VL / Qwen2.5-VL checkpoint (hub name or folder), tokenizer padded on the left, with
+    the image size limits of `set_pixel_limits`."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=trust_remote_code)
+    set_pixel_limits(image_processor, min_pixels, max_pixels)
     chat_template = getattr(tokenizer, "chat_template", None)
     template_file = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(template_file):
         with open(template_file) as f:
             chat_template = f.read()
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+# A Qwen2.5-VL checkpoint's processor allows up to 16,384 visual tokens per image (12.8 M pixels), the first cause of
+# out-of-memory reports in VLM RL; without MAX_PIXELS an image is capped at this many visual tokens.
+DEFAULT_MAX_VISUAL_TOKENS = 1280
+
+
+def set_pixel_limits(image_processor, min_pixels=0, max_pixels=0):
+    """Bound the pixels of each resized image (Qwen's resize keeps the aspect ratio, a multiple of the visual
+    token's side, and min_pixels <= height·width <= max_pixels). A visual token covers (patch·merge)² pixels,
+    28² for Qwen. min_pixels 0: the processor's own; max_pixels 0: the processor's own, at most
+    DEFAULT_MAX_VISUAL_TOKENS visual tokens (the embedded model's own limit is lower and stays)."""
+    token_pixels = (image_processor.patch_size * image_processor.merge_size) ** 2
+    own = image_processor.size
+    low = min_pixels or own.shortest_edge
+    high = max_pixels or min(own.longest_edge, DEFAULT_MAX_VISUAL_TOKENS * token_pixels)
+    if not token_pixels <= low <= high:
+        raise ValueError(f"image size limits MIN_PIXELS={low}, MAX_PIXELS={high}: need {token_pixels} (one visual "
+                         f"token) <= MIN_PIXELS <= MAX_PIXELS")
+    image_processor.size = SizeDict(shortest_edge=low, longest_edge=high)
 
 
 def model_class_for(path, trust_remote_code=False):
@@ -60,9 +83,10 @@ def load_model(path, device, dtype, trust_remote_code=False):
 
 def load_trainable_model(path, device, trust_remote_code=False, gradient_checkpointing=False,
                          freeze_vision_tower=False):
-    """load_model in the device's default dtype, in train mode; optionally with gradient checkpointing, and with
-    the vision tower frozen (its vision-language merger still trains)."""
-    model = load_model(path, device, default_dtype(device), trust_remote_code)
+    """load_model in fp32 (the master weights, whatever the compute precision: utils/precision.py), in train mode;
+    optionally with gradient checkpointing, and with the vision tower frozen (its vision-language merger still
+    trains)."""
+    model = load_model(path, device, torch.float32, trust_remote_code)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if freeze_vision_tower:
@@ -84,23 +108,26 @@ def resolve_devices(policy_device, rollout_device):
     return torch.device(policy_device), torch.device(rollout_device)
 
 
-def default_dtype(device):
-    """bf16 on GPU, fp32 on CPU (SPEC §2)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+def load_reference_model(path, device, dtype, trust_remote_code=False):
+    """The frozen reference model (the starting model) for the KL terms, in the inference dtype."""
+    return load_model(path, device, dtype, trust_remote_code).eval().requires_grad_(False)
 
 
-def make_rollout_model(policy, rollout_device):
-    """The model that generates: the policy itself when it lives on the rollout device, else a frozen copy."""
-    if next(policy.parameters()).device == torch.device(rollout_device):
+def make_rollout_model(policy, rollout_device, dtype):
+    """The model that generates: the policy itself when it lives on the rollout device in `dtype` (fp32 training),
+    else a frozen copy on `rollout_device` in `dtype` (bf16-mixed: a bf16 inference copy)."""
+    weights = next(policy.parameters())
+    if weights.device == torch.device(rollout_device) and weights.dtype == dtype:
         return policy
-    rollout = copy.deepcopy(policy).to(rollout_device).eval()
+    rollout = copy.deepcopy(policy).to(rollout_device, dtype).eval()
     rollout.requires_grad_(False)
     return rollout
 
 
 @torch.no_grad()
 def sync_rollout_model(policy, rollout):
-    """Copy the policy's weights into the rollout copy (after every optimizer step)."""
+    """Copy the policy's weights into the rollout copy (after every optimizer step), rounding fp32 to the copy's
+    dtype."""
     if rollout is policy:
         return
     for p_dst, p_src in zip(rollout.parameters(), policy.parameters()):

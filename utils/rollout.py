@@ -35,21 +35,47 @@ class Rollout:
 
 
 def image_patch_counts(prompt_inputs):
-    """Rows of pixel_values that belong to each image (one image per prompt)."""
-    return prompt_inputs["image_grid_thw"].prod(-1).tolist()
+    """(images, patches): per prompt, how many images it has and how many rows of pixel_values they fill (0 and
+    0 for a text-only prompt). image_grid_thw has one row per image, in prompt order; a prompt's images are the
+    next rows whose image tokens (patches / merge², merge² = patches per image token of the whole batch) add up
+    to the prompt's image tokens (mm_token_type_ids == 1)."""
+    n_prompts = prompt_inputs["input_ids"].shape[0]
+    if "image_grid_thw" not in prompt_inputs:
+        return [0] * n_prompts, [0] * n_prompts
+    patches = prompt_inputs["image_grid_thw"].prod(-1).tolist()  # per image
+    if "mm_token_type_ids" not in prompt_inputs:  # no way to tell: one image per prompt
+        if len(patches) != n_prompts:
+            raise ValueError("prompt inputs without mm_token_type_ids must have exactly one image per prompt")
+        return [1] * n_prompts, patches
+    tokens = (prompt_inputs["mm_token_type_ids"] == 1).sum(1).tolist()  # [B] image tokens per prompt
+    per_token = sum(patches) // max(sum(tokens), 1)
+    images, counts, next_image = [], [], 0
+    for n_tokens in tokens:
+        first = next_image
+        while n_tokens > 0:
+            n_tokens -= patches[next_image] // per_token
+            next_image += 1
+        images.append(next_image - first)
+        counts.append(sum(patches[first:next_image]))
+    return images, counts
 
 
 def slice_inputs(inputs, rows):
-    """Rows `rows` (a python slice or list of indices) of a processor batch, pixel_values included."""
+    """Rows `rows` (a python slice or list of indices) of a processor batch, with their images' pixel_values and
+    image_grid_thw rows (a prompt may have 0, 1 or several images; a slice without images has neither key)."""
     indices = list(range(inputs["input_ids"].shape[0]))[rows] if isinstance(rows, slice) else list(rows)
     out = {k: v[indices] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
     if "pixel_values" in inputs:
-        counts = image_patch_counts(inputs)
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        out["pixel_values"] = torch.cat([inputs["pixel_values"][starts[i] : starts[i + 1]] for i in indices])
-        out["image_grid_thw"] = inputs["image_grid_thw"][indices]
+        images, patches = image_patch_counts(inputs)
+        image_start, patch_start = [0], [0]
+        for n_images, n_patches in zip(images, patches):
+            image_start.append(image_start[-1] + n_images)
+            patch_start.append(patch_start[-1] + n_patches)
+        image_rows = [j for i in indices for j in range(image_start[i], image_start[i + 1])]
+        patch_rows = [j for i in indices for j in range(patch_start[i], patch_start[i + 1])]
+        if image_rows:
+            out["pixel_values"] = inputs["pixel_values"][patch_rows]
+            out["image_grid_thw"] = inputs["image_grid_thw"][image_rows]
     # Left padding is shared across the batch; drop columns that are padding in every kept row.
     keep = out["attention_mask"].any(0).nonzero()
     first = int(keep[0]) if len(keep) else 0
@@ -60,7 +86,8 @@ def slice_inputs(inputs, rows):
 
 
 def concat_inputs(batches):
-    """Concatenate processor batches row-wise, re-padding the prompts on the left."""
+    """Concatenate processor batches row-wise, re-padding the prompts on the left; batches without images
+    (text-only prompts) add no pixel_values rows."""
     width = max(b["input_ids"].shape[1] for b in batches)
     out = {}
     for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
@@ -70,8 +97,9 @@ def concat_inputs(batches):
         parts = [torch.nn.functional.pad(b[k], (width - b[k].shape[1], 0), value=pad_value) for b in batches]
         out[k] = torch.cat(parts)
     for k in ("pixel_values", "image_grid_thw"):
-        if k in batches[0]:
-            out[k] = torch.cat([b[k] for b in batches])
+        parts = [b[k] for b in batches if k in b]
+        if parts:
+            out[k] = torch.cat(parts)
     return out
 
 
@@ -143,7 +171,8 @@ def concat_rollouts(rollouts, pad_token_id):
     )
 
 
-def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds=1, max_group_size=0):
+def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds=1, max_group_size=0,
+                   quota=None):
     """Sample the groups of one training step.
 
     mode "all": one round of `n_groups` prompts × G completions; every group is trained on (GRPO, PPO).
@@ -152,6 +181,10 @@ def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mod
     mode "topup" (the seeds' per-prompt variant): one round; then each flat group gets one more completion at
         a time (all such groups in one generation round) until it is informative or has `max_group_size`
         completions. Groups still flat are dropped.
+    Under torchrun each rank calls this with its share of the prompts as `n_groups`, and for "refill" with
+    `quota` = utils.distributed.global_group_quota(...): a callable mapping this rank's number of informative
+    groups to (whether all ranks together have the global batch's, how many of them this rank keeps), so that
+    the rounds go on until the *global* count is reached (or max_rounds) on every rank alike.
 
     sample(examples, n) -> a scored Rollout with n completions per example; draw_prompts(k) -> k examples.
     Returns (everything: every completion sampled, as one Rollout; groups: the rows of each group in
@@ -172,12 +205,15 @@ def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mod
     def informative(rows):
         return is_informative(torch.tensor([accuracy[r] for r in rows]))
 
-    groups, kept = [], []
+    groups, kept, keep = [], [], n_groups
     if mode == "refill":
-        while len(kept) < n_groups and n_rounds < max_rounds:
+        quota = quota or (lambda n_kept: (n_kept >= n_groups, n_groups))  # -> (batch full?, groups to keep)
+        full = False
+        while not full and n_rounds < max_rounds:
             new = sample_round(draw_prompts(n_groups), group_size)
             kept += [len(groups) + i for i, rows in enumerate(new) if informative(rows)]
             groups += new
+            full, keep = quota(len(kept))
     elif mode in ("all", "topup"):
         groups = sample_round(draw_prompts(n_groups), group_size)
         while mode == "topup":
@@ -189,7 +225,7 @@ def collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id, mod
         kept = [g for g, rows in enumerate(groups) if mode == "all" or informative(rows)]
     else:
         raise ValueError(f"sampling mode must be 'all', 'refill' or 'topup', got {mode!r}")
-    return concat_rollouts(parts, pad_token_id), groups, kept[:n_groups], n_rounds
+    return concat_rollouts(parts, pad_token_id), groups, kept[:keep], n_rounds
 
 
 class ReplayBuffer:
@@ -226,14 +262,14 @@ class ReplayBuffer:
 
 
 def sample_step(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds, max_group_size,
-                replay=None):
+                replay=None, quota=None):
     """One training step's sampling: collect_groups (arguments as there), then, with a ReplayBuffer, its swaps.
 
     Returns (everything: every completion sampled; train_groups: the groups to train on, one scored Rollout
     each; metrics: the step's dapo/* sampling metrics).
     """
     everything, groups, kept, rounds = collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id,
-                                                      mode, max_rounds, max_group_size)
+                                                      mode, max_rounds, max_group_size, quota)
     train_groups = [select_rows(everything, groups[g]) for g in kept]
     n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
     metrics = {"dapo/gen_batches": rounds, "dapo/kept_group_frac": len(kept) / len(groups),

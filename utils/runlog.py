@@ -71,12 +71,37 @@ class RunLog:
         parts = [f"{label(k)}={metrics[k]:.3g}" for k in keys if metrics.get(k) is not None]
         tqdm.write(f"step {metrics['step']:>4} | " + "  ".join(parts))  # run_terminal.md has the full block
 
-    def save_checkpoint(self, model, processor, step):
-        """checkpoints/step_N/ with safetensors weights and the processor: loadable by transformers directly."""
+    def save_checkpoint(self, model, processor, step, state_dict=None):
+        """checkpoints/step_N/ with safetensors weights and the processor: loadable by transformers directly.
+        state_dict: the full weights of a sharded model (utils.distributed.gather_full_state_dict)."""
         path = os.path.join(self.dir, "checkpoints", f"step_{step}")
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(path)
         return path
+
+
+class QuietRunLog:
+    """What the ranks other than 0 hold instead of a RunLog under torchrun: the same calls, nothing written."""
+
+    dir = None
+
+    def print(self, message):
+        pass
+
+    def warn(self, message):
+        pass
+
+    def log_metrics(self, metrics):
+        pass
+
+    def log_samples(self, *args, **kwargs):
+        pass
+
+    def print_metrics(self, metrics, keys):
+        pass
+
+    def save_checkpoint(self, model, processor, step, state_dict=None):
+        return None
 
 
 # What the terminal shows each step (everything goes to metrics.jsonl).

@@ -1,0 +1,121 @@
+"""One rank of tests/test_distributed.py: `torchrun --nproc_per_node=2 tests/distributed_worker.py <folder>`.
+
+<folder>/inputs.pt (written by the test) holds the tiny VLM's path, a global batch, its π_old log-probs and
+advantages, and each rank's rows. Rank 0 writes what the test compares with one process into <folder>.
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.synthetic import SyntheticVQA  # noqa: E402
+from utils.distributed import (all_reduce_sum, gather_full_state_dict, global_group_quota, init_distributed,  # noqa: E402
+                               prompts_per_rank, reduce_metrics, refresh_generation_copy, shard_model)
+from utils.logprobs import batched_logprobs  # noqa: E402
+from utils.model import load_model, load_processor, suppressed_token_ids  # noqa: E402
+from utils.rollout import concat_rollouts, generate, sample_step, select_rows  # noqa: E402
+from utils.update import policy_update  # noqa: E402
+
+UPDATE = dict(clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0, epochs=1, mini_batches=1,
+              max_grad_norm=1e9, temperature=1.0, warn=lambda *_: None)
+
+
+def sharded_sgd_step(path, batch, advantages, logp_old, aggregation, micro_batch_size, precision="fp32",
+                     batch_is_padding=False, optimizer="sgd"):
+    """One policy_update of a freshly loaded, FSDP2-sharded policy on this rank's rows (SGD lr 1: the parameter
+    change is minus the gradient). Returns (model, stats)."""
+    model = shard_model(load_model(path, "cpu", torch.float32), precision)
+    opt = (torch.optim.SGD(model.parameters(), lr=1.0) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=1e-3))
+    stats = policy_update(model, opt, batch, advantages, logp_old, batch.completion_mask.float(),
+                          aggregation=aggregation, micro_batch_size=micro_batch_size,
+                          batch_is_padding=batch_is_padding, **UPDATE)
+    return model, stats
+
+
+def parity(world, out, inputs):
+    """Each rank trains its rows of the global batch; rank 0 saves the full parameters and the statistics."""
+    rows = inputs["rows"][world.rank]
+    batch = select_rows(inputs["batch"], rows)
+    for aggregation in ("token", "sample"):
+        model, stats = sharded_sgd_step(inputs["path"], batch, inputs["advantages"][rows], inputs["logp_old"][rows],
+                                        aggregation, micro_batch_size=2)
+        state = gather_full_state_dict(model)
+        if world.is_main:
+            torch.save({"state": state, "stats": stats}, os.path.join(out, f"parity_{aggregation}.pt"))
+    # An untied lm_head (as in Qwen2.5-VL-7B) is one more parameter of the root unit.
+    untied, stats_untied = sharded_sgd_step(inputs["untied_path"], batch, inputs["advantages"][rows],
+                                            inputs["logp_old_untied"][rows], "token", micro_batch_size=2)
+    untied_state = gather_full_state_dict(untied)
+    if world.is_main:
+        torch.save({"state": untied_state, "stats": stats_untied}, os.path.join(out, "parity_untied.pt"))
+    # The consolidated checkpoint and the generation copy come from the same gathered weights.
+    if world.is_main:
+        model.save_pretrained(os.path.join(out, "checkpoint"), state_dict=state, safe_serialization=True)
+    copy = load_model(inputs["path"], "cpu", torch.bfloat16)
+    refresh_generation_copy(model, copy)
+    if world.rank == 1:
+        torch.save({k: v.float() for k, v in copy.state_dict().items()}, os.path.join(out, "generation_copy.pt"))
+    # bf16 compute, fp32 master weights: every parameter still receives a gradient and moves.
+    model, stats = sharded_sgd_step(inputs["path"], batch, inputs["advantages"][rows], inputs["logp_old"][rows],
+                                    "token", micro_batch_size=2, precision="bf16-mixed", optimizer="adamw")
+    after = gather_full_state_dict(model, to_all_ranks=True)
+    if world.is_main:
+        fresh = load_model(inputs["path"], "cpu", torch.float32).state_dict()
+        moved = {k: bool((after[k] != fresh[k]).any()) for k in after}
+        dtypes = {str(p.dtype) for p in model.parameters()}
+        torch.save({"moved": moved, "stats": stats, "dtypes": dtypes},
+                   os.path.join(out, "bf16.pt"))
+
+
+def dynamic_sampling(world, out, inputs):
+    """Rank 1's groups are all flat (accuracy 0): the ranks keep sampling until 4 informative groups exist
+    globally, rank 0 trains on them and rank 1 joins the update with a zero-weight batch."""
+    path, group_size, n_groups = inputs["path"], 2, 4
+    processor = load_processor(path)
+    generator_model = load_model(path, "cpu", torch.float32)  # this rank's generation copy
+    data = SyntheticVQA(64, seed=10 + world.rank, split="test")
+    drawn = iter(range(64))
+    torch.manual_seed(world.rank)
+
+    def sample(examples, n):
+        rollout = generate(generator_model, processor, examples, n, 8, temperature=2.0,
+                           suppress_ids=suppressed_token_ids(processor.tokenizer))
+        right = torch.arange(len(rollout)) % 2 if world.rank == 0 else torch.zeros(len(rollout))
+        rollout.rewards = {"accuracy": right.float(), "total": right.float()}
+        return rollout
+
+    everything, train_groups, metrics = sample_step(
+        sample, lambda k: [data[next(drawn)] for _ in range(k)], prompts_per_rank(n_groups, world), group_size,
+        processor.tokenizer.pad_token_id, "refill", max_rounds=3, max_group_size=0,
+        quota=global_group_quota(n_groups, world))
+    metrics = reduce_metrics(metrics, sums=("dapo/train_groups",))
+    n_train = all_reduce_sum(len(train_groups))
+    padding = not train_groups  # nothing to train on here: join the update with zero weight
+    batch = concat_rollouts(train_groups, processor.tokenizer.pad_token_id) if train_groups else \
+        select_rows(everything, [0])
+    logp_old = batched_logprobs(generator_model, batch.prompt_inputs, batch.completion_ids, batch.completion_mask, 8)
+    advantages = torch.linspace(-1.0, 1.0, len(batch))
+    model, stats = sharded_sgd_step(path, batch, advantages, logp_old, "token", micro_batch_size=3,
+                                    batch_is_padding=padding)
+    state = gather_full_state_dict(model)
+    if world.is_main:
+        torch.save({"state": state, "stats": stats, "metrics": metrics, "n_train": n_train,
+                    "local_groups": len(train_groups), "batch": batch, "logp_old": logp_old,
+                    "advantages": advantages}, os.path.join(out, "dynamic.pt"))
+    elif padding:
+        torch.save({"local_groups": 0}, os.path.join(out, "dynamic_rank1.pt"))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    world = init_distributed()
+    assert world.world_size == 2, "run under torchrun --nproc_per_node=2"
+    folder = sys.argv[1]
+    inputs = torch.load(os.path.join(folder, "inputs.pt"), weights_only=False)
+    parity(world, folder, inputs)
+    dynamic_sampling(world, folder, inputs)
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,108 @@
+"""The command line: --help lists every constant by section; user errors are one line on stderr, exit status 2."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dapo
+import grpo
+import ppo
+from utils.config import constants_of, run_cli
+from utils.trackers import Trackers, make_tracker, scalars, tracker_names
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_help_lists_every_constant_with_its_default_and_comment_by_section():
+    done = subprocess.run([sys.executable, "dapo.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == ""
+    out = done.stdout
+    assert out.startswith("usage: python dapo.py [--KEY=value ...]")
+    sections = [line[:-1] for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    banners = [line.split("── ")[1].split(" ─")[0] for line in open(os.path.join(ROOT, "dapo.py")) if line.startswith("# ── ")]
+    assert sections[-len(banners):] == banners
+    source = open(os.path.join(ROOT, "dapo.py")).read().splitlines()
+    for name, value in constants_of(vars(dapo)).items():
+        line = next(line for line in source if line.startswith(f"{name} = "))
+        assert f"  --{name}={value!r}\n      {line.split('  # ', 1)[1]}\n" in out, name
+    # in the file's order, each under its own banner
+    assert out.index("--DATASET=") < out.index("--IMAGE_KEY=") < out.index("Rollout:") < out.index("--GROUP_SIZE=")
+    assert out.index("Evaluation, logging, checkpoints:") < out.index("--REPORT_TO=")
+
+
+def run_main(module, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(module.main, argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--TOTAL_STEP=3"], "error: unknown constant --TOTAL_STEP; did you mean --TOTAL_STEPS?"),
+    (["--GROUP_SIZE=many"], "error: --GROUP_SIZE=many: expected an integer (default is 8)"),
+    (["TOTAL_STEPS=3"], "error: argument 'TOTAL_STEPS=3' is not of the form --KEY=value"),
+    (["--GROUP_SIZE=1"], "error: GROUP_SIZE=1: must be at least 2"),
+    (["--DATASET=missing/train.jsonl"], "error: DATASET='missing/train.jsonl': no such file or folder"),
+    (["--DATASET=x.parquet", "--EVAL_DATASET=./gone"], "error: DATASET='x.parquet': no such file or folder"),
+    (["--MODEL_NAME_OR_PATH=./no/such/model"], "error: MODEL_NAME_OR_PATH='./no/such/model': no such folder"),
+    (["--REPORT_TO=mlflow"], "error: REPORT_TO='mlflow': unknown tracker 'mlflow'"),
+])
+def test_user_errors_are_one_line_and_exit_status_2(argv, message, tmp_path, capsys):
+    code, err = run_main(dapo, argv + [f"--RUNS_DIR={tmp_path}"], capsys)
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not os.listdir(tmp_path)  # nothing was started
+
+
+@pytest.mark.parametrize("package", ["wandb", "tensorboard"])
+def test_a_tracker_that_is_not_installed_names_its_package(package, tmp_path, capsys):
+    if tracker_names.__globals__["importlib"].util.find_spec(package):
+        pytest.skip(f"{package} is installed")
+    code, err = run_main(ppo, [f"--REPORT_TO={package}", f"--RUNS_DIR={tmp_path}"], capsys)
+    assert code == 2 and f"needs the {package} package: pip install {package}" in err and err.count("\n") == 1
+
+
+def test_an_unsupported_model_type_is_one_line(tmp_path, capsys):
+    model = tmp_path / "bert"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, err = run_main(grpo, [f"--MODEL_NAME_OR_PATH={model}", f"--RUNS_DIR={tmp_path}/runs"], capsys)
+    assert code == 2 and err.startswith(f"error: {model} is a 'bert' model; this codebase supports Qwen2-VL")
+    assert err.count("\n") == 1 and not os.path.exists(tmp_path / "runs")
+
+
+def test_trackers_get_the_finite_numbers():
+    assert scalars({"step": 3, "a": 1, "b": float("nan"), "c": None, "d": True, "e": 2.5}) == {"a": 1.0, "e": 2.5}
+    assert tracker_names("") == [] and make_tracker("", "unused", {}).trackers == []
+
+    class Recorder:
+        def __init__(self):
+            self.logged, self.closed = [], False
+
+        def log(self, metrics, step):
+            self.logged.append((step, scalars(metrics)))
+
+        def close(self):
+            self.closed = True
+
+    recorder = Recorder()
+    trackers = Trackers([recorder])
+    trackers.log({"step": 1, "reward/total/mean": 0.5}, 1)
+    trackers.close()
+    assert recorder.logged == [(1, {"reward/total/mean": 0.5})] and recorder.closed
+
+
+def test_tensorboard_tracker_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    tracker = make_tracker("tensorboard", str(tmp_path), {"SEED": 0})
+    tracker.log({"step": 1, "reward/total/mean": 0.5}, 1)
+    tracker.close()
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_every_trainer_runs_through_run_cli():
+    for script in ("dapo.py", "grpo.py", "ppo.py"):
+        tree = ast.parse(open(os.path.join(ROOT, script)).read())
+        assert ast.unparse(tree.body[-1]) == "if __name__ == '__main__':\n    run_cli(main)"

@@ -1,0 +1,142 @@
+"""torchrun + FSDP2 on the CPU (gloo, 2 ranks): one optimizer step equals one process's on the same global batch."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from utils.distributed import World, all_reduce_sum, prompts_per_rank, rank_share, reduce_metrics, split_quota
+from utils.logprobs import batched_logprobs
+from utils.model import load_model, load_processor, suppressed_token_ids
+from utils.rollout import generate
+from utils.update import policy_update
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
+UPDATE = dict(clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0, epochs=1, mini_batches=1,
+              max_grad_norm=1e9, temperature=1.0, warn=lambda *_: None)
+
+
+def one_process_step(path, batch, advantages, logp_old, aggregation):
+    """The reference: one unsharded process, the whole batch, SGD lr 1. Returns (parameters after, stats)."""
+    model = load_model(path, "cpu", torch.float32)
+    stats = policy_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, advantages, logp_old,
+                          batch.completion_mask.float(), aggregation=aggregation, micro_batch_size=len(batch),
+                          **UPDATE)
+    return model.state_dict(), stats
+
+
+def max_difference(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
+
+
+@pytest.fixture(scope="module")
+def torchrun_results(tiny_vlm_path, tmp_path_factory):
+    """Runs tests/distributed_worker.py on 2 CPU ranks once; returns (folder, inputs)."""
+    from tests.test_model import examples
+
+    folder = tmp_path_factory.mktemp("distributed")
+    processor = load_processor(tiny_vlm_path)
+    model = load_model(tiny_vlm_path, "cpu", torch.float32)
+    torch.manual_seed(0)
+    batch = generate(model, processor, examples(4, seed=5), 3, 14, temperature=2.0,
+                     suppress_ids=suppressed_token_ids(processor.tokenizer))  # 4 groups of 3, lengths vary
+    logp_old = batched_logprobs(model, batch.prompt_inputs, batch.completion_ids, batch.completion_mask, 12)
+    inputs = {"path": tiny_vlm_path, "batch": batch, "logp_old": logp_old,
+              "advantages": torch.linspace(-1.0, 2.0, len(batch)),
+              "rows": {0: list(range(9)), 1: list(range(9, 12))}}  # uneven: 3 groups and 1 group
+    untied = load_model(tiny_vlm_path, "cpu", torch.float32)  # as Qwen2.5-VL-7B: lm_head not tied to the embedding
+    untied.config.tie_word_embeddings = untied.config.text_config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach() * 1.1)
+    untied.save_pretrained(folder / "untied")
+    load_processor(tiny_vlm_path).save_pretrained(folder / "untied")
+    inputs["untied_path"] = str(folder / "untied")
+    inputs["logp_old_untied"] = batched_logprobs(untied, batch.prompt_inputs, batch.completion_ids,
+                                                 batch.completion_mask, 12)
+    torch.save(inputs, folder / "inputs.pt")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", WORKER, str(folder)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return folder, inputs
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sample"])
+def test_two_sharded_ranks_step_like_one_process(torchrun_results, aggregation):
+    folder, inputs = torchrun_results
+    rows = inputs["rows"]
+    tokens = [int(inputs["batch"].completion_mask[r].sum()) for r in rows.values()]
+    assert tokens[0] != 3 * tokens[1], "the ranks' valid-token counts must be uneven"
+    expected, expected_stats = one_process_step(inputs["path"], inputs["batch"], inputs["advantages"],
+                                                inputs["logp_old"], aggregation)
+    got = torch.load(folder / f"parity_{aggregation}.pt", weights_only=False)
+    fresh = load_model(inputs["path"], "cpu", torch.float32).state_dict()
+    assert set(got["state"]) == set(expected)
+    assert max_difference(got["state"], expected) < 1e-5
+    assert max_difference(expected, fresh) > 1e-3  # the step moved the parameters
+    for k in ("loss", "entropy", "grad_norm", "clip_frac_low", "clip_frac_high"):
+        assert got["stats"][k] == pytest.approx(expected_stats[k], rel=1e-5, abs=1e-7), k
+
+
+def test_an_untied_lm_head_is_sharded_and_trained_too(torchrun_results):
+    folder, inputs = torchrun_results
+    model = load_model(inputs["untied_path"], "cpu", torch.float32)
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
+    expected, _ = one_process_step(inputs["untied_path"], inputs["batch"], inputs["advantages"],
+                                   inputs["logp_old_untied"], "token")
+    got = torch.load(folder / "parity_untied.pt", weights_only=False)
+    assert "lm_head.weight" in got["state"] and max_difference(got["state"], expected) < 1e-5
+    assert (got["state"]["lm_head.weight"] != model.lm_head.weight).any()
+
+
+def test_checkpoint_and_generation_copy_hold_the_gathered_weights(torchrun_results):
+    folder, _ = torchrun_results
+    state = torch.load(folder / "parity_sample.pt", weights_only=False)["state"]
+    saved = load_model(str(folder / "checkpoint"), "cpu", torch.float32).state_dict()
+    assert max_difference(saved, state) == 0
+    copy = torch.load(folder / "generation_copy.pt")
+    assert max_difference(copy, state) < 1e-2  # bf16 copy of the fp32 weights
+
+
+def test_bf16_mixed_precision_trains_every_parameter_with_fp32_master_weights(torchrun_results):
+    folder, _ = torchrun_results
+    got = torch.load(folder / "bf16.pt", weights_only=False)
+    assert got["dtypes"] == {"torch.float32"}
+    assert all(got["moved"].values()), [k for k, v in got["moved"].items() if not v]
+    assert torch.isfinite(torch.tensor([got["stats"]["loss"], got["stats"]["grad_norm"]])).all()
+
+
+def test_dynamic_sampling_counts_informative_groups_globally(torchrun_results):
+    """Rank 1 samples only flat groups; the rounds go on until 4 informative groups exist over both ranks, rank 0
+    trains on all 4, rank 1 joins with zero weight, and the step equals one process's on rank 0's groups."""
+    folder, inputs = torchrun_results
+    got = torch.load(folder / "dynamic.pt", weights_only=False)
+    assert got["n_train"] == 4 and got["local_groups"] == 4
+    assert torch.load(folder / "dynamic_rank1.pt")["local_groups"] == 0
+    assert got["metrics"]["dapo/gen_batches"] == 2 and got["metrics"]["dapo/train_groups"] == 4
+    assert got["metrics"]["dapo/kept_group_frac"] == pytest.approx(0.5)  # 4 of the 8 groups sampled
+    expected, expected_stats = one_process_step(inputs["path"], got["batch"], got["advantages"], got["logp_old"],
+                                                "token")
+    assert max_difference(got["state"], expected) < 1e-5
+    assert got["stats"]["loss"] == pytest.approx(expected_stats["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_split_quota_fills_the_batch_from_the_ranks_with_groups_left():
+    assert split_quota([4, 0], 4) == [4, 0]
+    assert split_quota([3, 3], 4) == [2, 2]
+    assert split_quota([5, 1, 0], 6) == [5, 1, 0]
+    assert split_quota([1, 1], 4) == [1, 1]  # not enough anywhere: train on what there is
+    assert split_quota([9, 9, 9], 4) == [2, 1, 1]
+
+
+def test_one_process_is_unchanged():
+    world = World()
+    assert world.is_main and world.world_size == 1 and world.device is None
+    assert all_reduce_sum(3) == 3 and all_reduce_sum([1.5, 2]) == [1.5, 2]
+    assert reduce_metrics({"a": 1.0}, weight=7) == {"a": 1.0}
+    assert rank_share(list(range(5)), world) == list(range(5)) and prompts_per_rank(8, world) == 8
+    assert rank_share(list(range(5)), World(1, 2)) == [1, 3] and prompts_per_rank(5, World(1, 2)) == 2
