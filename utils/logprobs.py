@@ -38,6 +38,13 @@ def prompt_runs(prompt_inputs):
     return firsts, [b - a for a, b in zip(firsts, firsts[1:] + [len(ids)])]
 
 
+def fsdp_sharded(module):
+    """Whether FSDP2 shards `module` or any of its submodules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 def completion_hidden_states(backbone, prompt_inputs, completion_ids, completion_mask):
     """Final hidden states of the last L+1 positions of prompt + completion: position t predicts completion token
     t (the last one predicts past the end). backbone: the decoder of a Qwen-VL model (`model.model`).
@@ -45,13 +52,16 @@ def completion_hidden_states(backbone, prompt_inputs, completion_ids, completion
     Rows that share a prompt (the G completions of a group) share its forward pass: each distinct prompt (image
     encoding included) runs once, its KV cache is copied to its rows, and only the last prompt token and the
     completion run per row. Gradients through the shared prompt are the sum over its rows, as with one pass per
-    row. (With gradient checkpointing in training, where transformers drops the cache, every row runs whole.)
+    row. Every row runs whole with gradient checkpointing in training (transformers drops the cache) and with
+    gradients through an FSDP2-sharded model (the gradient reaches the prompt's layers through the cache, not their
+    outputs, so FSDP's backward hooks would not gather their weights).
 
     prompt_inputs: processor batch [b, P]; completion_ids, completion_mask: [b, L]. Returns [b, L+1, H].
     """
     device = next(backbone.parameters()).device
     length = completion_ids.shape[1]
-    if backbone.is_activation_checkpointing and backbone.training:
+    whole_rows = backbone.is_activation_checkpointing and backbone.training
+    if whole_rows or (torch.is_grad_enabled() and fsdp_sharded(backbone)):
         inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
         return backbone(**inputs, use_cache=False).last_hidden_state[:, -(length + 1) :]
     firsts, sizes = prompt_runs(prompt_inputs)
