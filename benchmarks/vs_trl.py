@@ -2,7 +2,8 @@
 
 Same work per step: the embedded tiny VLM and its processor, the synthetic count task, 8 prompts x 8 completions,
 temperature 1, clip 0.2 / 0.28, no KL (no reference model), one optimizer step per batch at the same learning
-rate, rewards = 3 x accuracy + 1 x format (utils.rewards), truncated completions masked. Ours is the real trainer:
+rate, rewards = 3 x accuracy + 1 x format (utils.rewards), truncated completions masked (ours also adds its
+soft overlong penalty and its attention diagnostics, as `dapo.py` does by default). Ours is the real trainer:
 `python dapo.py --DYNAMIC_SAMPLING=False` in a subprocess, timed by its own perf/step_s; TRL runs in a subprocess
 too, timed from on_step_begin to on_step_end. The two systems alternate (--rounds), each round runs one warm-up
 step and --steps timed steps; we print the median step time of each and the ratio, on two workloads:
