@@ -116,8 +116,8 @@ def test_non_finite_loss_skips_the_step(tiny_vlm_path):
     assert all((d == 0).all() for d in delta.values())
 
 
-def test_a_qwen2_vl_checkpoint_works_too(tmp_path):
-    """Qwen2-VL (not 2.5): saved, loaded through load_model / load_processor, log-probs match generation."""
+def qwen2_vl_checkpoint(path):
+    """Save a tiny random Qwen2-VL (not 2.5) with the embedded processor into `path`."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from utils.tiny_vlm import RECIPE, SPECIAL_TOKENS, build_processor, train_tokenizer
@@ -134,8 +134,44 @@ def test_a_qwen2_vl_checkpoint_works_too(tmp_path):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
-    build_processor(tokenizer, 7, 56).save_pretrained(tmp_path)
-    model, processor = load_model(str(tmp_path), "cpu", torch.float32), load_processor(str(tmp_path))
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    build_processor(tokenizer, 7, 56).save_pretrained(path)
+    return str(path)
+
+
+def test_a_qwen2_vl_checkpoint_works_too(tmp_path):
+    """Qwen2-VL (not 2.5): saved, loaded through load_model / load_processor, log-probs match generation."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    path = qwen2_vl_checkpoint(tmp_path)
+    model, processor = load_model(path, "cpu", torch.float32), load_processor(path)
     assert isinstance(model, Qwen2VLForConditionalGeneration)
     assert_logprobs_match_generation(model, processor, max_new_tokens=6)
+
+
+def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_vlm_path):
+    """completion_hidden_states runs each group's prompt once; log-probs and gradients equal one pass per row."""
+    from utils.logprobs import completion_hidden_states, full_inputs, logprobs_from_hidden
+
+    processor = load_processor(tiny_vlm_path)
+    model = load_model(tiny_vlm_path, "cpu", torch.float32).train()
+    torch.manual_seed(0)
+    batch = generate(model, processor, examples(3, seed=5), 3, 14, temperature=2.0)  # left-padded, lengths differ
+    rows = [0, 1, 2, 3, 4, 6, 7, 8]  # groups of 3, 2 and 2 rows
+    inputs, ids, mask = slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows], batch.completion_mask[rows]
+    m = mask.bool()
+
+    def loss_and_grads(hidden_fn):
+        model.zero_grad()
+        logp, entropy = logprobs_from_hidden(model, hidden_fn(), ids, 1.5, with_entropy=True)
+        (logp[m].sum() + 0.1 * entropy[m].sum()).backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def one_pass_per_row():
+        return model.model(**full_inputs(inputs, ids, mask), use_cache=False).last_hidden_state[:, -(ids.shape[1] + 1) :]
+
+    shared, shared_grads = loss_and_grads(lambda: completion_hidden_states(model.model, inputs, ids, mask))
+    whole, whole_grads = loss_and_grads(one_pass_per_row)
+    assert torch.allclose(shared[m], whole[m], atol=1e-5)
+    for n, g in whole_grads.items():  # fp32 summation order differs: within 1e-5 of each tensor's scale
+        assert (shared_grads[n] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-8, n

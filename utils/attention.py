@@ -119,8 +119,14 @@ class BucketMasses:
         self.per_layer = {}
 
     def record(self, module, query, key, attention_mask, scaling):
-        masses = completion_bucket_masses(query, key, attention_mask, scaling, self.first_row, self.row_mask.shape[1],
-                                          self.buckets, self.budget_bytes)
+        offset = key.shape[2] - query.shape[2]  # > 0: the prompt ran before, from a shared KV cache (utils/logprobs.py)
+        if key.shape[2] != self.buckets.shape[1]:  # that shared prompt's own pass: no completion rows
+            return
+        if offset and attention_mask is None:  # causal over the whole sequence: query row r is position r + offset
+            attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+            attention_mask = attention_mask.tril_(offset)[None, None]
+        masses = completion_bucket_masses(query, key, attention_mask, scaling, self.first_row - offset,
+                                          self.row_mask.shape[1], self.buckets, self.budget_bytes)
         self.per_layer[module.layer_idx] = masses * self.row_mask.unsqueeze(-1)
 
     @property

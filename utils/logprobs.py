@@ -4,6 +4,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from utils.attention import BucketMasses
+from utils.generation import prompt_positions
 from utils.rollout import slice_inputs
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # fp32 logits of one chunk of logprobs_from_hidden, bytes; sets the chunk length
@@ -23,15 +24,61 @@ def full_inputs(prompt_inputs, completion_ids, completion_mask):
     return inputs
 
 
+def prompt_runs(prompt_inputs):
+    """First row of each run of identical consecutive prompts (a group's G rows are one run). Returns
+    (first rows [n], run lengths [n]) as python lists."""
+    ids, mask = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]
+    same = ((ids[1:] == ids[:-1]) & (mask[1:] == mask[:-1])).all(1).tolist()  # row i+1 has row i's text
+    if "pixel_values" in prompt_inputs:  # ... and its images (a text-only row has none)
+        rows = [slice_inputs(prompt_inputs, [i]) for i in range(len(ids))]
+        images = [(r.get("pixel_values"), r.get("image_grid_thw")) for r in rows]
+        same = [s and all(a is b or (a is not None and b is not None and torch.equal(a, b))
+                          for a, b in zip(images[i + 1], images[i])) for i, s in enumerate(same)]
+    firsts = [0] + [i + 1 for i, s in enumerate(same) if not s]
+    return firsts, [b - a for a, b in zip(firsts, firsts[1:] + [len(ids)])]
+
+
+def fsdp_sharded(module):
+    """Whether FSDP2 shards `module` or any of its submodules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 def completion_hidden_states(backbone, prompt_inputs, completion_ids, completion_mask):
     """Final hidden states of the last L+1 positions of prompt + completion: position t predicts completion token
     t (the last one predicts past the end). backbone: the decoder of a Qwen-VL model (`model.model`).
 
+    Rows that share a prompt (the G completions of a group) share its forward pass: each distinct prompt (image
+    encoding included) runs once, its KV cache is copied to its rows, and only the last prompt token and the
+    completion run per row. Gradients through the shared prompt are the sum over its rows, as with one pass per
+    row. Every row runs whole with gradient checkpointing in training (transformers drops the cache) and with
+    gradients through an FSDP2-sharded model (the gradient reaches the prompt's layers through the cache, not their
+    outputs, so FSDP's backward hooks would not gather their weights).
+
     prompt_inputs: processor batch [b, P]; completion_ids, completion_mask: [b, L]. Returns [b, L+1, H].
     """
     device = next(backbone.parameters()).device
-    inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
-    return backbone(**inputs, use_cache=False).last_hidden_state[:, -(completion_ids.shape[1] + 1) :]
+    length = completion_ids.shape[1]
+    whole_rows = backbone.is_activation_checkpointing and backbone.training
+    if whole_rows or (torch.is_grad_enabled() and fsdp_sharded(backbone)):
+        inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
+        return backbone(**inputs, use_cache=False).last_hidden_state[:, -(length + 1) :]
+    firsts, sizes = prompt_runs(prompt_inputs)
+    prompts = {k: v.to(device) for k, v in slice_inputs(prompt_inputs, firsts).items()}  # [n, P'], n distinct
+    rows = torch.repeat_interleave(torch.arange(len(firsts), device=device), torch.tensor(sizes, device=device))
+    positions, next_position = prompt_positions(backbone, prompts)  # [3, n, P'], [n]
+    prefix = {k: v[:, :-1] for k, v in prompts.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    images = {k: v for k, v in prompts.items() if k in ("pixel_values", "image_grid_thw")}
+    cache = backbone(**prefix, **images, position_ids=positions[:, :, :-1], use_cache=True).past_key_values
+    cache.batch_select_indices(rows)  # each prompt's keys and values to its rows (a differentiable gather)
+    # The last prompt token (it predicts completion token 0) and the completion, per row: text positions.
+    suffix_ids = torch.cat([prompts["input_ids"][rows, -1:], completion_ids.to(device)], 1)  # [b, L+1]
+    attention_mask = torch.cat([prompts["attention_mask"][rows], completion_mask.to(device)], 1)  # [b, P'+L]
+    suffix_positions = (next_position[rows] - 1).unsqueeze(1) + torch.arange(length + 1, device=device)  # [b, L+1]
+    out = backbone(input_ids=suffix_ids, attention_mask=attention_mask,
+                   position_ids=suffix_positions.unsqueeze(0).expand(3, -1, -1), past_key_values=cache, use_cache=True)
+    return out.last_hidden_state
 
 
 def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_entropy=False,

@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from data.prompts import encode_prompts
+from utils.generation import sample_completions
 from utils.rl import is_informative
 
 
@@ -114,41 +115,29 @@ def generate(model, processor, examples, group_size, max_new_tokens, temperature
              suppress_ids=(), batch_size=None, desc=None):
     """Sample `group_size` completions per example (greedy when `greedy`); returns a Rollout of len(examples)*G.
 
-    Sequences are generated `batch_size` at a time, with a progress bar named `desc` (none when desc is None).
+    Each prompt is encoded and prefilled once for its G completions (utils/generation.py). Sequences are
+    generated about `batch_size` at a time (whole groups), with a progress bar named `desc` (none when desc is None).
     """
-    device = next(model.parameters()).device
-    repeated = [ex for ex in examples for _ in range(group_size)]
     tokenizer = processor.tokenizer
     eos_ids = model.generation_config.eos_token_id
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-    batch_size = batch_size or len(repeated)
+    prompts_per_batch = max(1, (batch_size or len(examples) * group_size) // group_size)
     prompts, completions = [], []
-    for start in tqdm(range(0, len(repeated), batch_size), desc=desc, leave=False, disable=desc is None):
-        inputs = encode_prompts(processor, repeated[start : start + batch_size])
-        prompt_width = inputs["input_ids"].shape[1]
-        # Explicit sampling settings: a checkpoint's generation_config (Qwen's sets top_k, a low temperature
-        # and a repetition penalty) would otherwise make samples differ from the policy we compute log-probs of.
-        sampling = dict(do_sample=not greedy, repetition_penalty=1.0)
-        if not greedy:
-            sampling.update(temperature=temperature, top_p=top_p, top_k=0)
-        out = model.generate(
-            **{k: v.to(device) for k, v in inputs.items()},
-            max_new_tokens=max_new_tokens,
-            suppress_tokens=list(suppress_ids) or None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_ids,
-            **sampling,
-        )
-        prompts.append(inputs)
-        completions.append(out[:, prompt_width:].cpu())
+    for start in tqdm(range(0, len(examples), prompts_per_batch), desc=desc, leave=False, disable=desc is None):
+        inputs = encode_prompts(processor, examples[start : start + prompts_per_batch])  # [b, P]
+        ids, _ = sample_completions(model, inputs, group_size, max_new_tokens, temperature=temperature, top_p=top_p,
+                                    greedy=greedy, suppress_ids=suppress_ids, eos_ids=eos_ids,
+                                    pad_id=tokenizer.pad_token_id)  # [b*G, L]
+        prompts.append(slice_inputs(inputs, [i for i in range(len(inputs["input_ids"])) for _ in range(group_size)]))
+        completions.append(ids.cpu())
     width = max(c.shape[1] for c in completions)
     completion_ids = torch.cat(
         [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in completions]
     )
     completion_mask, ended = completion_mask_from_ids(completion_ids, eos_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     prompt_inputs = prompts[0] if len(prompts) == 1 else concat_inputs(prompts)
+    repeated = [ex for ex in examples for _ in range(group_size)]
     return Rollout(prompt_inputs, completion_ids, completion_mask, ~ended, texts, repeated)
 
 

@@ -1,0 +1,80 @@
+"""The shared-prefill decode loop (utils/generation.py) against transformers' generate and teacher forcing."""
+
+import torch
+
+from data.prompts import encode_prompts
+from tests.test_model import examples, qwen2_vl_checkpoint
+from utils.generation import sample_completions, top_p_filter
+from utils.logprobs import completion_logprobs
+from utils.model import load_model, load_processor, suppressed_token_ids
+from utils.rollout import completion_mask_from_ids, slice_inputs
+
+
+def eos_ids_of(model):
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def assert_greedy_matches_hf_generate(model, processor, n_prompts=5, group_size=2, max_new_tokens=16):
+    """Greedy tokens from one prefill per prompt equal model.generate's on the prompts repeated G times."""
+    pad = processor.tokenizer.pad_token_id
+    inputs = encode_prompts(processor, examples(n_prompts))
+    assert (inputs["attention_mask"] == 0).any(), "the check needs left padding"
+    eos = eos_ids_of(model)
+    ids, _ = sample_completions(model, inputs, group_size, max_new_tokens, greedy=True, eos_ids=eos, pad_id=pad)
+    repeated = slice_inputs(inputs, [i for i in range(n_prompts) for _ in range(group_size)])
+    out = model.generate(**repeated, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    expected = out[:, repeated["input_ids"].shape[1] :]
+    mask, _ = completion_mask_from_ids(expected, eos)
+    assert torch.equal(ids, expected.masked_fill(mask == 0, pad))
+
+
+def test_greedy_matches_transformers_generate(tiny_vlm_path):
+    assert_greedy_matches_hf_generate(load_model(tiny_vlm_path, "cpu", torch.float32), load_processor(tiny_vlm_path))
+
+
+def test_a_policy_in_training_with_gradient_checkpointing_samples_the_same(tiny_vlm_path):
+    """transformers drops the KV cache of checkpointed layers in training mode; sampling must not notice."""
+    processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32)
+    inputs, pad, eos = encode_prompts(processor, examples(3)), processor.tokenizer.pad_token_id, eos_ids_of(model)
+    expected, _ = sample_completions(model.eval(), inputs, 2, 12, greedy=True, eos_ids=eos, pad_id=pad)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, _ = sample_completions(model, inputs, 2, 12, greedy=True, eos_ids=eos, pad_id=pad)
+    assert torch.equal(ids, expected) and model.training
+
+
+def test_greedy_matches_transformers_generate_on_qwen2_vl(tmp_path):
+    path = qwen2_vl_checkpoint(tmp_path)
+    assert_greedy_matches_hf_generate(load_model(path, "cpu", torch.float32), load_processor(path), max_new_tokens=8)
+
+
+def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path):
+    """The returned log-probs equal a forward pass over prompt + completion (at the sampling temperature);
+    vision tokens are never sampled; each row ends at its first end token and is padded after it."""
+    processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32)
+    pad, eos, G = processor.tokenizer.pad_token_id, eos_ids_of(model), 4
+    suppress = suppressed_token_ids(processor.tokenizer)
+    inputs = encode_prompts(processor, examples(3, seed=4))
+    generator = torch.Generator().manual_seed(0)
+    ids, logp = sample_completions(model, inputs, G, 20, temperature=2.0, top_p=0.95, suppress_ids=suppress,
+                                   eos_ids=eos, pad_id=pad, generator=generator)  # [3G, L]
+    mask, ended = completion_mask_from_ids(ids, eos)
+    assert ids.shape[0] == 3 * G and ids.shape[1] <= 20 and (~ended).any() and ended.any()
+    assert (ids[mask == 0] == pad).all() and (logp[mask == 0] == 0).all()
+    assert not torch.isin(ids, torch.tensor(suppress)).any()
+    repeated = slice_inputs(inputs, [i for i in range(3) for _ in range(G)])
+    expected, _ = completion_logprobs(model, repeated, ids, mask, temperature=2.0)
+    assert logp.dtype == torch.float32
+    assert torch.allclose(logp[mask.bool()], expected[mask.bool()], atol=1e-4)
+    # The same generator state gives the same completions.
+    again, _ = sample_completions(model, inputs, G, 20, temperature=2.0, top_p=0.95, suppress_ids=suppress,
+                                  eos_ids=eos, pad_id=pad, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = top_p_filter(scores, 0.8).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    assert top_p_filter(scores, 0.01).isfinite().tolist() == [[True, False, False, False]]
