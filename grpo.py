@@ -28,6 +28,7 @@ from utils.attention import attention_summary, mdi_reward, token_weight_metrics,
 from utils.checkpoint import (PreemptionGuard, checkpoint_step, find_resume_checkpoint, load_checkpoint,
                               resumed_config, run_dir_of, save_checkpoint)
 from utils.config import apply_overrides, check_values, constants_of, format_config, run_cli
+from utils.distributed import init_distributed, rank_rows, shard_model
 from utils.evaluate import evaluate
 from utils.logprobs import batched_logprobs
 from utils.model import (
@@ -43,9 +44,8 @@ from utils.model import (
 from utils.rewards import reward_weights_at, score_completions
 from utils.rl import group_advantages, overlong_loss_mask
 from utils.rollout import ReplayBuffer, concat_rollouts, generate, sample_step
-from utils.plot_metrics import plot_run
 from utils.precision import inference_dtype, resolve_precision
-from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
+from utils.runlog import SHOWN_METRICS, comparison_run, open_run_log, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
 from utils.trackers import make_tracker
 from utils.update import learning_rate_at, needs_old_logprob_pass, policy_update
@@ -161,11 +161,12 @@ def main(argv=None):
     if start >= cfg["TOTAL_STEPS"]:
         print(f"{resume}: the run is finished (TOTAL_STEPS={cfg['TOTAL_STEPS']}); nothing to train")
         return run_dir_of(resume)
-    run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__, resume=(run_dir_of(resume), start) if resume else None)
+    world = init_distributed()  # under torchrun: this process's rank (README: "Scaling out"); else one process
+    run = open_run_log(cfg["RUNS_DIR"], algo, cfg, __file__, (run_dir_of(resume), start) if resume else None)
     tracker = make_tracker(cfg["REPORT_TO"], run.dir, cfg)
     log = run.print
     log(f"run folder: {run.dir}\nconfig:\n{format_config(cfg)}")
-    torch.manual_seed(cfg["SEED"])
+    torch.manual_seed(cfg["SEED"] + world.rank)  # each rank samples its own completions
     if cfg["CPU_THREADS"]:
         torch.set_num_threads(cfg["CPU_THREADS"])
 
@@ -179,6 +180,7 @@ def main(argv=None):
     policy = load_trainable_model(resume or path, policy_device, cfg["TRUST_REMOTE_CODE"],  # resume: its weights
                                   cfg["GRADIENT_CHECKPOINTING"], cfg["FREEZE_VISION_TOWER"])
     rollout_model = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 copy if mixed
+    policy = shard_model(policy, precision)  # torchrun: FSDP2 shards (fp32 master weights); one process: as it is
     reference = None
     if cfg["KL_BETA"] > 0:  # β = 0: no reference model at all
         reference = load_reference_model(path, rollout_device, inference_dtype(precision), cfg["TRUST_REMOTE_CODE"])
@@ -226,7 +228,7 @@ def main(argv=None):
                         cfg["GENERATION_BATCH_SIZE"], suppress)
 
     if resume:  # optimizer, data position, replay buffer, RNGs: the run goes on as if never stopped
-        load_checkpoint(resume, optimizer, prompts, replay)
+        load_checkpoint(resume, policy, optimizer, prompts, replay)
         log(f"resumed from {resume}: step {start} of {cfg['TOTAL_STEPS']}")
     else:
         eval_metrics = run_eval()
@@ -237,7 +239,7 @@ def main(argv=None):
     stop = PreemptionGuard(run.warn)  # SIGTERM / Ctrl-C: checkpoint after this step, then exit
 
     for step in tqdm(range(start + 1, cfg["TOTAL_STEPS"] + 1), initial=start, total=cfg["TOTAL_STEPS"], desc=algo,
-                     dynamic_ncols=True):
+                     dynamic_ncols=True, disable=not world.is_main):
         t0 = time.time()
         lr = learning_rate_at(step, cfg["TOTAL_STEPS"], cfg["LEARNING_RATE"], cfg["LR_SCHEDULE"])
         for group in optimizer.param_groups:
@@ -248,7 +250,7 @@ def main(argv=None):
         #       a replay buffer (REPLAY_BUFFER_SIZE) swaps remaining flat groups for stored informative ones. ──
         reward_weights = reward_weights_at(step, cfg["REWARD_SWITCH_STEP"], cfg["REWARD_WEIGHTS_EARLY"],
                                            regular_weights)
-        everything, train_groups, sampling = sample_step(
+        everything, train_groups, padding, sampling = sample_step(
             lambda examples, n: sample_and_score(examples, n, reward_weights), prompts.next,
             cfg["TRAIN_BATCH_PROMPTS"], G, pad_id, sampling_mode, cfg["MAX_GEN_BATCHES"], cfg["MAX_DYNAMIC_SAMPLES"],
             replay,
@@ -258,10 +260,11 @@ def main(argv=None):
         metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), **sampling}
         # What the logs show if there is no update:
         batch, advantages, attention, vgr, weights = everything, torch.zeros(len(everything)), None, None, None
-        if not train_groups:
+        if not sampling["dapo/train_groups"]:  # (the count of every rank)
             run.warn(f"step {step}: no informative group sampled; no update this step")
         else:
             batch = concat_rollouts(train_groups, pad_id)
+            pool = rank_rows(padding)  # the batch's statistics run over the rows of every rank (torchrun)
 
             # ── 2. Log-probs of the rollout policy (π_old) and of the reference; attention masses on the way. A
             #       batch used for one optimizer step by the policy that sampled it needs no π_old pass: the update's
@@ -275,7 +278,8 @@ def main(argv=None):
                 logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)
                 logp_old, masses = logp_old if image_id is not None else (logp_old, None)
             attention, vgr, attention_log = attention_summary(masses, batch.prompt_inputs, batch.completion_mask,
-                                                              image_id, cfg["ATTENTION_EXCLUDE_SINK"], cfg["VGR_LAYERS"])
+                                                              image_id, cfg["ATTENTION_EXCLUDE_SINK"],
+                                                              cfg["VGR_LAYERS"], pool)
             ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
             logprob_s = time.time() - t_lp
 
@@ -283,7 +287,7 @@ def main(argv=None):
             if reward_weights["mdi"]:
                 batch.rewards["mdi"] = mdi_reward(attention["all"]["mdi"], group_sizes)
                 batch.rewards["total"] = batch.rewards["total"] + reward_weights["mdi"] * batch.rewards["mdi"]
-                metrics["reward/mdi/mean"] = batch.rewards["mdi"].mean().item()
+                metrics["reward/mdi/mean"] = pool(batch.rewards["mdi"]).mean().item()
             advantages = group_advantages(batch.rewards["total"], group_sizes, cfg["SCALE_ADVANTAGE_BY_STD"])  # [B]
             loss_mask = batch.completion_mask.float()  # [B, L]
             if cfg["OVERLONG_FILTERING"]:
@@ -292,7 +296,7 @@ def main(argv=None):
                 weights = token_weights(vgr, batch.completion_mask, cfg["TOKEN_WEIGHT_MIN"], cfg["TOKEN_WEIGHT_MAX"],
                                         cfg["TOKEN_WEIGHT_SMOOTHING"])  # [B, L], mean 1 per sequence
                 advantages = advantages.unsqueeze(1) * weights  # [B, L]
-                metrics.update(token_weight_metrics(weights, batch.completion_mask))
+                metrics.update(token_weight_metrics(weights, batch.completion_mask, pool))
 
             # ── 4. Policy update, then refresh the generation copy for the next step ──
             t_up = time.time()
@@ -302,7 +306,7 @@ def main(argv=None):
                 kl_beta=cfg["KL_BETA"], entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"],
                 epochs=cfg["PPO_EPOCHS"], mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
                 max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], precision=precision,
-                image_token_id=image_id, warn=run.warn,
+                image_token_id=image_id, batch_is_padding=padding, warn=run.warn,
             )
             sync_rollout_model(policy, rollout_model)
             update_s = time.time() - t_up
@@ -310,10 +314,10 @@ def main(argv=None):
                 logp_old, masses = stats.pop("logp_old"), stats.pop("attention_masses", None)
                 attention, vgr, attention_log = attention_summary(
                     masses, batch.prompt_inputs, batch.completion_mask, image_id, cfg["ATTENTION_EXCLUDE_SINK"],
-                    cfg["VGR_LAYERS"])
+                    cfg["VGR_LAYERS"], pool)
             metrics.update(attention_log)
             metrics.update({f"policy/{k}": v for k, v in stats.items()})
-            metrics["policy/advantage_abs_mean"] = advantages.abs().mean().item()
+            metrics["policy/advantage_abs_mean"] = pool(advantages.abs()).mean().item()
 
         # ── 5. Log, evaluate, checkpoint ──
         metrics.update(perf_metrics(t0, generate_s, logprob_s, update_s, everything.completion_mask.sum().item()))
@@ -327,8 +331,8 @@ def main(argv=None):
             run.log_samples(step, batch, advantages, processor.tokenizer, cfg["LOG_SAMPLES"], attention, vgr, weights)
         if (cfg["PLOT_EVERY"] and step % cfg["PLOT_EVERY"] == 0) or last:
             compare = comparison_run(cfg["RUNS_DIR"], algo, cfg["COMPARE_WITH"])
-            log(f"plots: {', '.join(plot_run(run.dir, compare))}")
-        stopped = stop.signal_name is not None and not last
+            log(f"plots: {', '.join(run.plot(compare))}")
+        stopped = stop.requested() and not last
         if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or last or stopped:
             saved = save_checkpoint(run.dir, step, policy, processor, cfg, optimizer, prompts, replay,
                                     keep=cfg["KEEP_CHECKPOINTS"])

@@ -33,6 +33,7 @@ from utils.checkpoint import (PreemptionGuard, checkpoint_step, find_resume_chec
                               resumed_config, run_dir_of, save_checkpoint)
 from utils.config import apply_overrides, check_values, constants_of, format_config, run_cli
 from utils.critic import Critic
+from utils.distributed import init_distributed, rank_rows, shard_critic, shard_model
 from utils.evaluate import evaluate
 from utils.logprobs import batched_logprobs
 from utils.model import (
@@ -48,9 +49,8 @@ from utils.model import (
 from utils.rewards import reward_weights_at, score_completions
 from utils.rl import explained_variance, gae, overlong_loss_mask, token_rewards, whiten
 from utils.rollout import ReplayBuffer, concat_rollouts, generate, sample_step
-from utils.plot_metrics import plot_run
 from utils.precision import inference_dtype, resolve_precision
-from utils.runlog import SHOWN_METRICS, RunLog, comparison_run, perf_metrics, rollout_metrics
+from utils.runlog import SHOWN_METRICS, comparison_run, open_run_log, perf_metrics, rollout_metrics
 from utils.tiny_vlm import ensure_tiny_vlm
 from utils.trackers import make_tracker
 from utils.update import learning_rate_at, policy_update
@@ -176,11 +176,12 @@ def main(argv=None):
     if start >= cfg["TOTAL_STEPS"]:
         print(f"{resume}: the run is finished (TOTAL_STEPS={cfg['TOTAL_STEPS']}); nothing to train")
         return run_dir_of(resume)
-    run = RunLog(cfg["RUNS_DIR"], algo, cfg, __file__, resume=(run_dir_of(resume), start) if resume else None)
+    world = init_distributed()  # under torchrun: this process's rank (README: "Scaling out"); else one process
+    run = open_run_log(cfg["RUNS_DIR"], algo, cfg, __file__, (run_dir_of(resume), start) if resume else None)
     tracker = make_tracker(cfg["REPORT_TO"], run.dir, cfg)
     log = run.print
     log(f"run folder: {run.dir}\nconfig:\n{format_config(cfg)}")
-    torch.manual_seed(cfg["SEED"])
+    torch.manual_seed(cfg["SEED"] + world.rank)  # each rank samples its own completions
     if cfg["CPU_THREADS"]:
         torch.set_num_threads(cfg["CPU_THREADS"])
 
@@ -194,6 +195,7 @@ def main(argv=None):
     policy = load_trainable_model(resume or path, policy_device, cfg["TRUST_REMOTE_CODE"],  # resume: its weights
                                   cfg["GRADIENT_CHECKPOINTING"], cfg["FREEZE_VISION_TOWER"])
     rollout_model = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 copy if mixed
+    policy = shard_model(policy, precision)  # torchrun: FSDP2 shards (fp32 master weights); one process: as it is
     reference = None
     if cfg["KL_COEF"] > 0 or cfg["KL_BETA"] > 0:  # no KL at all: no reference model
         reference = load_reference_model(path, rollout_device, inference_dtype(precision), cfg["TRUST_REMOTE_CODE"])
@@ -203,6 +205,7 @@ def main(argv=None):
         backbone = load_trainable_model(path, policy_device, cfg["TRUST_REMOTE_CODE"], cfg["GRADIENT_CHECKPOINTING"],
                                         cfg["FREEZE_VISION_TOWER"]).model
     critic = Critic(backbone, policy.config.text_config.hidden_size).to(policy_device).train()
+    critic = shard_critic(critic, policy, precision)  # torchrun: its head (and a separate backbone) sharded
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     in_policy = {id(p) for p in policy_params}  # a shared backbone is trained once, with the policy
     critic_params = [p for p in critic.parameters() if p.requires_grad and id(p) not in in_policy]
@@ -252,7 +255,7 @@ def main(argv=None):
                         cfg["GENERATION_BATCH_SIZE"], suppress)
 
     if resume:  # optimizer, data position, replay buffer, RNGs: the run goes on as if never stopped
-        load_checkpoint(resume, optimizer, prompts, replay, critic)
+        load_checkpoint(resume, policy, optimizer, prompts, replay, critic)
         log(f"resumed from {resume}: step {start} of {cfg['TOTAL_STEPS']}")
     else:
         eval_metrics = run_eval()
@@ -263,7 +266,7 @@ def main(argv=None):
     stop = PreemptionGuard(run.warn)  # SIGTERM / Ctrl-C: checkpoint after this step, then exit
 
     for step in tqdm(range(start + 1, cfg["TOTAL_STEPS"] + 1), initial=start, total=cfg["TOTAL_STEPS"], desc=algo,
-                     dynamic_ncols=True):
+                     dynamic_ncols=True, disable=not world.is_main):
         t0 = time.time()
         lr = learning_rate_at(step, cfg["TOTAL_STEPS"], cfg["LEARNING_RATE"], cfg["LR_SCHEDULE"])
         for group in optimizer.param_groups:  # the policy's and the critic's, each on its own schedule
@@ -271,7 +274,7 @@ def main(argv=None):
         # ── 1. Sample and score (as grpo.py; dynamic sampling and replay only with GROUP_SIZE >= 2) ──
         reward_weights = reward_weights_at(step, cfg["REWARD_SWITCH_STEP"], cfg["REWARD_WEIGHTS_EARLY"],
                                            regular_weights)
-        everything, train_groups, sampling = sample_step(
+        everything, train_groups, padding, sampling = sample_step(
             lambda examples, n: sample_and_score(examples, n, reward_weights), prompts.next,
             cfg["TRAIN_BATCH_PROMPTS"], G, pad_id, sampling_mode, cfg["MAX_GEN_BATCHES"], cfg["MAX_DYNAMIC_SAMPLES"],
             replay,
@@ -281,10 +284,11 @@ def main(argv=None):
         metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), **sampling}
         # What the logs show if there is no update:
         batch, advantages, attention, vgr, weights = everything, torch.zeros(len(everything)), None, None, None
-        if not train_groups:
+        if not sampling["dapo/train_groups"]:  # (the count of every rank)
             run.warn(f"step {step}: no informative group sampled; no update this step")
         else:
             batch = concat_rollouts(train_groups, pad_id)
+            pool = rank_rows(padding)  # the batch's statistics run over the rows of every rank (torchrun)
 
             # ── 2. Log-probs of the rollout policy (π_old) and of the reference (attention masses on the way);
             #       the critic's values V_old ──
@@ -294,7 +298,8 @@ def main(argv=None):
             logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)  # [B, L]
             logp_old, masses = logp_old if image_id is not None else (logp_old, None)  # masses: [layers, B, L, 4]
             attention, vgr, attention_log = attention_summary(masses, batch.prompt_inputs, batch.completion_mask,
-                                                              image_id, cfg["ATTENTION_EXCLUDE_SINK"], cfg["VGR_LAYERS"])
+                                                              image_id, cfg["ATTENTION_EXCLUDE_SINK"],
+                                                              cfg["VGR_LAYERS"], pool)
             metrics.update(attention_log)
             ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
             values_old = critic.batched(*lp_args[:4], precision)  # [B, L]
@@ -304,26 +309,27 @@ def main(argv=None):
             if reward_weights["mdi"]:
                 batch.rewards["mdi"] = mdi_reward(attention["all"]["mdi"], group_sizes)
                 batch.rewards["total"] = batch.rewards["total"] + reward_weights["mdi"] * batch.rewards["mdi"]
-                metrics["reward/mdi/mean"] = batch.rewards["mdi"].mean().item()
+                metrics["reward/mdi/mean"] = pool(batch.rewards["mdi"]).mean().item()
             loss_mask = batch.completion_mask.float()  # [B, L]
             if cfg["OVERLONG_FILTERING"]:
                 loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
             rewards = token_rewards(batch.rewards["total"], logp_old, ref_logp, batch.completion_mask,
                                     cfg["KL_COEF"])  # [B, L]
             advantages, returns = gae(rewards, values_old, batch.completion_mask, cfg["GAMMA"], cfg["LAMBDA"])
-            advantages = whiten(advantages, loss_mask)  # [B, L]
+            advantages = whiten(advantages, loss_mask, pool=pool)  # [B, L], over the global batch
             valid = batch.completion_mask.bool()
             metrics.update({
-                "critic/values/mean": values_old[valid].mean().item(),
-                "critic/returns/mean": returns[valid].mean().item(),
-                "critic/explained_variance": explained_variance(values_old, returns, batch.completion_mask),
-                "reward/kl_penalty/mean": (rewards.sum(1) - batch.rewards["total"]).mean().item(),
+                "critic/values/mean": pool(values_old[valid]).mean().item(),
+                "critic/returns/mean": pool(returns[valid]).mean().item(),
+                "critic/explained_variance": explained_variance(values_old, returns, batch.completion_mask,
+                                                                pool=pool),
+                "reward/kl_penalty/mean": pool(rewards.sum(1) - batch.rewards["total"]).mean().item(),
             })
             if cfg["USE_TOKEN_WEIGHTS"]:
                 weights = token_weights(vgr, batch.completion_mask, cfg["TOKEN_WEIGHT_MIN"], cfg["TOKEN_WEIGHT_MAX"],
                                         cfg["TOKEN_WEIGHT_SMOOTHING"])  # [B, L], mean 1 per sequence
                 advantages = advantages * weights  # [B, L]
-                metrics.update(token_weight_metrics(weights, batch.completion_mask))
+                metrics.update(token_weight_metrics(weights, batch.completion_mask, pool))
 
             # ── 4. Policy and critic update (the critic alone while warming up), then refresh the generation copy ──
             t_up = time.time()
@@ -335,7 +341,8 @@ def main(argv=None):
                 epochs=cfg["PPO_EPOCHS"], mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
                 max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], precision=precision, critic=critic,
                 values_old=values_old, returns=returns, vf_coef=cfg["VF_COEF"],
-                clip_range_value=cfg["CLIP_RANGE_VALUE"], train_policy=train_policy, warn=run.warn,
+                clip_range_value=cfg["CLIP_RANGE_VALUE"], train_policy=train_policy, batch_is_padding=padding,
+                warn=run.warn,
             )
             if train_policy:
                 sync_rollout_model(policy, rollout_model)
@@ -344,7 +351,7 @@ def main(argv=None):
             metrics.update({f"policy/{k}": v for k, v in stats.items()})
             metrics.update({f"critic/{k}": v for k, v in critic_stats.items()})
             metrics["critic/warmup"] = float(not train_policy)
-            metrics["policy/advantage_abs_mean"] = advantages[valid].abs().mean().item()
+            metrics["policy/advantage_abs_mean"] = pool(advantages[valid].abs()).mean().item()
 
         # ── 5. Log, evaluate, checkpoint ──
         metrics.update(perf_metrics(t0, generate_s, logprob_s, update_s, everything.completion_mask.sum().item()))
@@ -358,8 +365,8 @@ def main(argv=None):
             run.log_samples(step, batch, advantages, processor.tokenizer, cfg["LOG_SAMPLES"], attention, vgr, weights)
         if (cfg["PLOT_EVERY"] and step % cfg["PLOT_EVERY"] == 0) or last:
             compare = comparison_run(cfg["RUNS_DIR"], algo, cfg["COMPARE_WITH"])
-            log(f"plots: {', '.join(plot_run(run.dir, compare))}")
-        stopped = stop.signal_name is not None and not last
+            log(f"plots: {', '.join(run.plot(compare))}")
+        stopped = stop.requested() and not last
         if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or last or stopped:
             saved = save_checkpoint(run.dir, step, policy, processor, cfg, optimizer, prompts, replay, critic,
                                     keep=cfg["KEEP_CHECKPOINTS"])

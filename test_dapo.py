@@ -287,14 +287,14 @@ def test_sample_step_metrics_with_topup_and_replay():
     buffer = ReplayBuffer(size=4, min_reward_std=0.5, max_success_rate=1.0)
     # Step 1: groups [1, 1] (flat), [0, 1]; one top-up round adds a 0 to the first: [1, 1, 0] is informative.
     sample, draw, _ = _fake_sampler([[1, 1, 0, 1], [0]])
-    everything, groups, metrics = sample_step(sample, draw, 2, 2, 0, "topup", 1, 3, replay=buffer)
-    assert [len(g) for g in groups] == [3, 2] and len(everything) == 5
+    everything, groups, padding, metrics = sample_step(sample, draw, 2, 2, 0, "topup", 1, 3, replay=buffer)
+    assert [len(g) for g in groups] == [3, 2] and len(everything) == 5 and not padding
     assert metrics == {"dapo/gen_batches": 2, "dapo/kept_group_frac": 1.0, "dapo/flat_group_frac": 0.0,
                        "dapo/topup_samples": 1, "dapo/replayed_groups": 0, "dapo/replay_buffer_size": 2,
                        "dapo/train_groups": 2}
     # Step 2: both groups stay flat at the cap; the two stored groups stand in for them.
     sample, draw, _ = _fake_sampler([[0, 0, 1, 1], [0, 1], [0, 1]])
-    everything, groups, metrics = sample_step(sample, draw, 2, 2, 0, "topup", 1, 3, replay=buffer)
+    everything, groups, padding, metrics = sample_step(sample, draw, 2, 2, 0, "topup", 1, 3, replay=buffer)
     assert metrics["dapo/flat_group_frac"] == 1.0 and metrics["dapo/kept_group_frac"] == 0.0
     assert metrics["dapo/replayed_groups"] == 2 and metrics["dapo/train_groups"] == 2 and len(buffer) == 0
     assert sorted(len(g) for g in groups) == [2, 3]  # the stored groups, with their own sizes

@@ -12,10 +12,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.synthetic import SyntheticVQA  # noqa: E402
-from utils.distributed import (all_reduce_sum, gather_full_state_dict, global_group_quota, init_distributed,  # noqa: E402
-                               prompts_per_rank, reduce_metrics, refresh_generation_copy, shard_model)
+from utils.distributed import (all_reduce_mean, gather_full_state_dict, gather_rows, init_distributed,  # noqa: E402
+                               rank_rows, replay_slots, shard_model)
 from utils.logprobs import batched_logprobs  # noqa: E402
-from utils.model import load_model, load_processor, suppressed_token_ids  # noqa: E402
+from utils.model import load_model, load_processor, suppressed_token_ids, sync_rollout_model  # noqa: E402
 from utils.rollout import concat_rollouts, generate, sample_step, select_rows  # noqa: E402
 from utils.update import policy_update  # noqa: E402
 
@@ -56,7 +56,7 @@ def parity(world, out, inputs):
     if world.is_main:
         model.save_pretrained(os.path.join(out, "checkpoint"), state_dict=state, safe_serialization=True)
     copy = load_model(inputs["path"], "cpu", torch.bfloat16)
-    refresh_generation_copy(model, copy)
+    sync_rollout_model(model, copy)
     if world.rank == 1:
         torch.save({k: v.float() for k, v in copy.state_dict().items()}, os.path.join(out, "generation_copy.pt"))
     # bf16 compute, fp32 master weights: every parameter still receives a gradient and moves.
@@ -71,9 +71,24 @@ def parity(world, out, inputs):
                    os.path.join(out, "bf16.pt"))
 
 
+def gathering(world, out):
+    """gather_rows on uneven shapes and dtypes; all_reduce_mean; a padding rank's rows left out; replay slots."""
+    rows = torch.full((world.rank + 1, world.rank + 2), world.rank + 0.5)
+    got = {"float": gather_rows(rows), "bool": gather_rows(torch.tensor([world.rank == 0] * (world.rank + 1))),
+           "nested": gather_rows({"a": torch.full((world.rank + 1,), world.rank)}),
+           "mean": all_reduce_mean(rows.mean().item(), rows.numel()),
+           "without_padding": rank_rows(padding=world.rank == 1)(torch.full((2,), world.rank + 1.0)),
+           "slots_full": replay_slots(n_fresh=8 if world.rank == 0 else 0, n_stored=0 if world.rank == 0 else 4,
+                                      n_groups=8),
+           "slots_short": replay_slots(n_fresh=3 if world.rank == 0 else 1, n_stored=2 if world.rank == 0 else 4,
+                                       n_groups=8)}
+    if world.rank == 1:  # every rank gets everything
+        torch.save(got, os.path.join(out, "gathered.pt"))
+
+
 def dynamic_sampling(world, out, inputs):
     """Rank 1's groups are all flat (accuracy 0): the ranks keep sampling until 4 informative groups exist
-    globally, rank 0 trains on them and rank 1 joins the update with a zero-weight batch."""
+    globally, rank 0 trains on them and rank 1 joins the update with a zero-weight batch (one of its flat groups)."""
     path, group_size, n_groups = inputs["path"], 2, 4
     processor = load_processor(path)
     generator_model = load_model(path, "cpu", torch.float32)  # this rank's generation copy
@@ -88,15 +103,11 @@ def dynamic_sampling(world, out, inputs):
         rollout.rewards = {"accuracy": right.float(), "total": right.float()}
         return rollout
 
-    everything, train_groups, metrics = sample_step(
-        sample, lambda k: [data[next(drawn)] for _ in range(k)], prompts_per_rank(n_groups, world), group_size,
-        processor.tokenizer.pad_token_id, "refill", max_rounds=3, max_group_size=0,
-        quota=global_group_quota(n_groups, world))
-    metrics = reduce_metrics(metrics, sums=("dapo/train_groups",))
-    n_train = all_reduce_sum(len(train_groups))
-    padding = not train_groups  # nothing to train on here: join the update with zero weight
-    batch = concat_rollouts(train_groups, processor.tokenizer.pad_token_id) if train_groups else \
-        select_rows(everything, [0])
+    everything, train_groups, padding, metrics = sample_step(
+        sample, lambda k: [data[next(drawn)] for _ in range(k)], n_groups, group_size,
+        processor.tokenizer.pad_token_id, "refill", max_rounds=3, max_group_size=0)  # n_groups: the global batch
+    n_train = metrics["dapo/train_groups"]
+    batch = concat_rollouts(train_groups, processor.tokenizer.pad_token_id)
     logp_old = batched_logprobs(generator_model, batch.prompt_inputs, batch.completion_ids, batch.completion_mask, 8)
     advantages = torch.linspace(-1.0, 1.0, len(batch))
     model, stats = sharded_sgd_step(path, batch, advantages, logp_old, "token", micro_batch_size=3,
@@ -104,10 +115,10 @@ def dynamic_sampling(world, out, inputs):
     state = gather_full_state_dict(model)
     if world.is_main:
         torch.save({"state": state, "stats": stats, "metrics": metrics, "n_train": n_train,
-                    "local_groups": len(train_groups), "batch": batch, "logp_old": logp_old,
+                    "local_groups": len(train_groups), "padding": padding, "batch": batch, "logp_old": logp_old,
                     "advantages": advantages}, os.path.join(out, "dynamic.pt"))
-    elif padding:
-        torch.save({"local_groups": 0}, os.path.join(out, "dynamic_rank1.pt"))
+    else:
+        torch.save({"padding": padding, "rows": len(batch)}, os.path.join(out, "dynamic_rank1.pt"))
 
 
 if __name__ == "__main__":
@@ -117,5 +128,6 @@ if __name__ == "__main__":
     folder = sys.argv[1]
     inputs = torch.load(os.path.join(folder, "inputs.pt"), weights_only=False)
     parity(world, folder, inputs)
+    gathering(world, folder)
     dynamic_sampling(world, folder, inputs)
     torch.distributed.destroy_process_group()

@@ -22,7 +22,7 @@ class FakeModel(torch.nn.Module):
         super().__init__()
         self.model = torch.nn.Linear(3, 3)
 
-    def save_pretrained(self, path, safe_serialization=True):
+    def save_pretrained(self, path, state_dict=None, safe_serialization=True):
         torch.save(self.state_dict(), os.path.join(path, "weights.pt"))
 
 
@@ -91,7 +91,7 @@ def test_checkpoint_is_complete_and_restores_state(tmp_path):
     model.model.weight.sum().backward()
     optimizer.step()
     prompts = PromptSampler(list(range(4)), 7)
-    assert ck.load_checkpoint(path, optimizer, prompts) == 2
+    assert ck.load_checkpoint(path, model, optimizer, prompts) == 2
     assert optimizer.state_dict()["state"] == {}  # the saved optimizer had taken no step
     assert prompts.state_dict() == PromptSampler(list(range(4)), 0).state_dict()
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from utils.distributed import World, all_reduce_sum, prompts_per_rank, rank_share, reduce_metrics, split_quota
+from utils.distributed import (World, all_reduce_mean, all_reduce_sum, gather_rows, prompts_per_rank, rank_rows,
+                               rank_share, replay_slots, split_quota)
 from utils.logprobs import batched_logprobs
 from utils.model import load_model, load_processor, suppressed_token_ids
 from utils.rollout import generate
@@ -115,14 +116,28 @@ def test_dynamic_sampling_counts_informative_groups_globally(torchrun_results):
     trains on all 4, rank 1 joins with zero weight, and the step equals one process's on rank 0's groups."""
     folder, inputs = torchrun_results
     got = torch.load(folder / "dynamic.pt", weights_only=False)
-    assert got["n_train"] == 4 and got["local_groups"] == 4
-    assert torch.load(folder / "dynamic_rank1.pt")["local_groups"] == 0
+    assert got["n_train"] == 4 and got["local_groups"] == 4 and not got["padding"]
+    assert torch.load(folder / "dynamic_rank1.pt") == {"padding": True, "rows": 2}  # one flat group, zero weight
     assert got["metrics"]["dapo/gen_batches"] == 2 and got["metrics"]["dapo/train_groups"] == 4
     assert got["metrics"]["dapo/kept_group_frac"] == pytest.approx(0.5)  # 4 of the 8 groups sampled
     expected, expected_stats = one_process_step(inputs["path"], got["batch"], got["advantages"], got["logp_old"],
                                                 "token")
     assert max_difference(got["state"], expected) < 1e-5
     assert got["stats"]["loss"] == pytest.approx(expected_stats["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_gather_rows_pads_and_concatenates_in_rank_order(torchrun_results):
+    """Rank r holds r + 1 rows of width r + 2 (bool, int and float): every rank gets all 3 rows, zero-padded.
+    (Saved by rank 1.)"""
+    folder, _ = torchrun_results
+    got = torch.load(folder / "gathered.pt")
+    assert got["float"].tolist() == [[0.5, 0.5, 0.0], [1.5, 1.5, 1.5], [1.5, 1.5, 1.5]]
+    assert got["bool"].dtype == torch.bool and got["bool"].tolist() == [True, False, False]
+    assert got["nested"]["a"].dtype == torch.int64 and got["nested"]["a"].tolist() == [0, 1, 1]
+    assert got["mean"] == pytest.approx((0.5 * 2 + 1.5 * 6) / 8)
+    assert got["without_padding"].tolist() == [1.0, 1.0]  # rank 1 (padding) adds no rows
+    # The global batch already full: rank 1 replays nothing (it would fill its own share alone); 4 short: 2 + 2.
+    assert got["slots_full"] == 0 and got["slots_short"] == 2
 
 
 def test_split_quota_fills_the_batch_from_the_ranks_with_groups_left():
@@ -137,6 +152,8 @@ def test_one_process_is_unchanged():
     world = World()
     assert world.is_main and world.world_size == 1 and world.device is None
     assert all_reduce_sum(3) == 3 and all_reduce_sum([1.5, 2]) == [1.5, 2]
-    assert reduce_metrics({"a": 1.0}, weight=7) == {"a": 1.0}
+    rows = torch.arange(6.0).reshape(3, 2)
+    assert gather_rows(rows) is rows and rank_rows()(rows) is rows and all_reduce_mean(2.5, 6) == 2.5
+    assert replay_slots(n_fresh=3, n_stored=4, n_groups=8) == 4 and replay_slots(8, 4, 8) == 0
     assert rank_share(list(range(5)), world) == list(range(5)) and prompts_per_rank(8, world) == 8
     assert rank_share(list(range(5)), World(1, 2)) == [1, 3] and prompts_per_rank(5, World(1, 2)) == 2

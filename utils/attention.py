@@ -295,19 +295,25 @@ def per_row(per_sample):
     return [{stage: {k: v[i].item() for k, v in m.items()} for stage, m in per_sample.items()} for i in range(n)]
 
 
-def token_weight_metrics(weights, mask):
-    """policy/token_weight_{mean,std,min,max} over the valid tokens."""
+def token_weight_metrics(weights, mask, pool=None):
+    """policy/token_weight_{mean,std,min,max} over the valid tokens. pool: maps this batch's valid weights to those
+    the metrics run over (utils.distributed.rank_rows: every rank's)."""
     w = weights[mask.bool()]
+    w = pool(w) if pool is not None else w
     return {"policy/token_weight_mean": w.mean().item(), "policy/token_weight_std": w.std().item(),
             "policy/token_weight_min": w.min().item(), "policy/token_weight_max": w.max().item()}
 
 
-def attention_summary(masses, prompt_inputs, completion_mask, image_token_id, exclude_sink=True, vgr_layers="late"):
+def attention_summary(masses, prompt_inputs, completion_mask, image_token_id, exclude_sink=True, vgr_layers="late",
+                      pool=None):
     """Everything the trainers take from a batch's bucket masses: (per-sample metrics {stage: {metric: [B]}},
-    VGR [B, L] over the `vgr_layers` stage, the batch's `attention/*` metrics). (None, None, {}) without masses."""
+    VGR [B, L] over the `vgr_layers` stage, the batch's `attention/*` metrics). (None, None, {}) without masses.
+    pool: maps the per-sample values to those the batch metrics run over (utils.distributed.rank_rows: the rows of
+    every rank)."""
     if masses is None:
         return None, None, {}
     n_text, n_vision = prompt_token_counts(prompt_inputs, image_token_id)  # [B] each
     per_sample = sample_metrics(masses, completion_mask, n_text, n_vision, exclude_sink)
     vgr = token_vgr(masses, stage_layers(masses.shape[0])[vgr_layers], n_text, n_vision, exclude_sink)
-    return per_sample, vgr, batch_metrics(per_sample, n_text, n_vision)
+    pool = pool or (lambda value: value)
+    return per_sample, vgr, batch_metrics(pool(per_sample), pool(n_text), pool(n_vision))

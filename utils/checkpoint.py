@@ -10,6 +10,11 @@
 * `COMPLETE`: written last. A checkpoint is written into `step_N.tmp/`, every file is fsynced, then the folder
   is renamed to `step_N/`; a folder without `COMPLETE` (a run killed while writing) is never loaded.
 
+Under torchrun (utils/distributed.py) rank 0 writes the consolidated weights (gathered from the shards) and
+`training_state.pt`; the sharded training state is saved with `torch.distributed.checkpoint` into `sharded/`
+(the AdamW state of every shard, PPO's critic), and each rank's random generators and replay buffer into
+`rank_R.pt`. Such a checkpoint resumes with the same number of ranks.
+
 Resuming (the trainers' RESUME constant) reloads all of it, so the resumed run computes the same numbers as a
 run that was never stopped. `PreemptionGuard` turns SIGTERM / SIGINT into "checkpoint after this step, then exit".
 """
@@ -25,7 +30,12 @@ import threading
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from tqdm import tqdm
+
+from utils.distributed import all_reduce_max, barrier, current_world, gather_full_state_dict, is_distributed
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
@@ -58,25 +68,48 @@ def set_rng_state(state):
 
 
 # ── writing ─────────────────────────────────────────────────────────────────────────────────────
-def critic_state(critic, policy):
-    """PPO's critic without what the policy's weights already hold: its head, plus its backbone when separate."""
+def critic_modules(critic, policy):
+    """PPO's critic without what the policy's weights already hold: {"head": ..., "backbone": ... when separate}."""
     if critic is None:
-        return None
-    shared = critic.backbone is policy.model
-    return {"head": critic.head.state_dict(), "backbone": None if shared else critic.backbone.state_dict()}
+        return {}
+    return {"head": critic.head, **({"backbone": critic.backbone} if critic.backbone is not policy.model else {})}
 
 
-def write_weights(path, model, processor):
-    model.save_pretrained(path, safe_serialization=True)
+def write_weights(path, model, processor, state_dict=None):
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     processor.save_pretrained(path)
 
 
-def write_training_state(path, step, config, optimizer, prompts, replay, critic):
+def write_training_state(path, step, config, prompts, optimizer=None, replay=None, critic=None):
+    """training_state.pt; in one process with the optimizer, the generators and the replay buffer too."""
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "prompts": prompts.state_dict(),
-                "replay": replay.state_dict() if replay is not None else None, "critic": critic},
-               os.path.join(path, STATE_FILE))
+    state = {"step": step, "world_size": current_world().world_size, "prompts": prompts.state_dict(),
+             "critic": critic}
+    if not is_distributed():
+        state.update(optimizer=optimizer.state_dict(), rng=rng_state(),
+                     replay=replay.state_dict() if replay is not None else None)
+    torch.save(state, os.path.join(path, STATE_FILE))
+
+
+def sharded_state(policy, optimizer, critic, saved_keys=None):
+    """What torch.distributed.checkpoint saves and loads in place: the AdamW state of every shard (named by the
+    parameters' places in the policy and critic) and the critic's sharded modules. Returns (state, the module
+    that names the optimizer's parameters).
+
+    Saving: the optimizer's entry only once it has state (torch's state-dict helper would otherwise take an
+    AdamW step of lr 0 to create it, changing the run). Loading: `saved_keys`, the checkpoint's keys, limit the
+    template to the parameters that had state (a PPO checkpoint of the critic warm-up has none for the policy)."""
+    trained = torch.nn.ModuleDict({"policy": policy, **({"critic": critic} if critic is not None else {})})
+    state = {f"critic_{k}": m.state_dict() for k, m in critic_modules(critic, policy).items()}
+    if saved_keys is None and optimizer.state:
+        state["optimizer"] = get_optimizer_state_dict(trained, optimizer)
+    elif saved_keys is not None and any(k.startswith("optimizer.") for k in saved_keys):
+        template = get_optimizer_state_dict(trained, optimizer)  # the optimizer is reset by the load below
+        template["state"] = {name: v for name, v in template["state"].items()
+                             if any(k.startswith(f"optimizer.state.{name}.") for k in saved_keys)}
+        state["optimizer"] = template
+    return state, trained
 
 
 def fsync_tree(path):
@@ -113,15 +146,34 @@ def save_checkpoint(run_dir, step, model, processor, config, optimizer, prompts,
     checkpoints (0 = keep every one) and any half-written folder. Returns the checkpoint's path.
 
     config: the resolved config; prompts: the PromptSampler; replay: the ReplayBuffer or None; critic: PPO's
-    Critic or None (its backbone is stored only when it is not the policy's)."""
+    Critic or None (its backbone is stored only when it is not the policy's). Under torchrun every rank calls it:
+    rank 0 writes the consolidated weights and training_state.pt, all ranks the sharded state and their rank_R.pt.
+    """
     final = os.path.join(run_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing this very step
-    os.makedirs(tmp)
-    write_weights(tmp, model, processor)
-    write_training_state(tmp, step, config, optimizer, prompts, replay, critic_state(critic, model))
-    finalize(tmp, final, step)
-    prune_checkpoints(run_dir, keep)
+    main = current_world().is_main
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing this very step
+        os.makedirs(tmp)
+    barrier()
+    weights = gather_full_state_dict(model) if is_distributed() else None  # the whole model, on rank 0
+    if main:
+        write_weights(tmp, model, processor, weights)
+    critic_weights = None  # PPO's critic, in training_state.pt; under torchrun in the sharded state
+    if is_distributed():
+        state, _ = sharded_state(model, optimizer, critic)
+        dcp.save(state, checkpoint_id=os.path.join(tmp, "sharded"))
+        torch.save({"rng": rng_state(), "replay": replay.state_dict() if replay is not None else None},
+                   os.path.join(tmp, f"rank_{current_world().rank}.pt"))
+    elif critic is not None:
+        critic_weights = {k: m.state_dict() for k, m in critic_modules(critic, model).items()}
+    if main:
+        write_training_state(tmp, step, config, prompts, optimizer, replay, critic_weights)
+    barrier()
+    if main:
+        finalize(tmp, final, step)
+        prune_checkpoints(run_dir, keep)
+    barrier()
     return final
 
 
@@ -210,29 +262,44 @@ def resumed_config(checkpoint, config, argv):
     return {k: config[k] if k in given or k not in saved else saved[k] for k in config}
 
 
-def load_checkpoint(checkpoint, optimizer, prompts, replay=None, critic=None):
+def load_checkpoint(checkpoint, policy, optimizer, prompts, replay=None, critic=None):
     """Restore everything but the policy's weights (the trainer loads those from the checkpoint folder): the
     optimizer, the PromptSampler, the ReplayBuffer, the critic, and last the random number generators, so call it
-    after every model is built. Returns the checkpoint's step."""
+    after every model is built (and sharded, under torchrun: then every rank calls it). `policy` names the
+    optimizer's parameters and tells a separate critic backbone from a shared one. Returns the checkpoint's step."""
     # Not weights_only: the file holds python objects (RNG states, the replay groups with their images); load only
     # checkpoints you (or a run of yours) wrote.
     state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    world_size = current_world().world_size
+    if state.get("world_size", 1) != world_size:
+        raise ValueError(f"RESUME={checkpoint}: written by {state.get('world_size', 1)} process(es), resumed by "
+                         f"{world_size}; resume with the same number (torchrun --nproc_per_node=...)")
     prompts.load_state_dict(state["prompts"])
+    if is_distributed():
+        folder = os.path.join(checkpoint, "sharded")
+        saved_keys = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata.keys()
+        sharded, trained = sharded_state(policy, optimizer, critic, saved_keys)
+        dcp.load(sharded, checkpoint_id=folder)
+        if "optimizer" in sharded:  # not strict: parameters without state (yet) stay without
+            set_optimizer_state_dict(trained, optimizer, sharded["optimizer"], options=StateDictOptions(strict=False))
+        for name, module in critic_modules(critic, policy).items():
+            module.load_state_dict(sharded[f"critic_{name}"])
+        state.update(torch.load(os.path.join(checkpoint, f"rank_{current_world().rank}.pt"), map_location="cpu",
+                                weights_only=False))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        for name, module in critic_modules(critic, policy).items():
+            module.load_state_dict(state["critic"][name])
     if replay is not None:
         replay.load_state_dict(state["replay"])
-    if critic is not None:
-        critic.head.load_state_dict(state["critic"]["head"])
-        if state["critic"]["backbone"] is not None:
-            critic.backbone.load_state_dict(state["critic"]["backbone"])
     set_rng_state(state["rng"])
     return state["step"]
 
 
 # ── preemption ──────────────────────────────────────────────────────────────────────────────────
 class PreemptionGuard:
-    """SIGTERM or SIGINT (Ctrl-C) sets `signal_name`; the trainer checks it after each step, writes a checkpoint
-    and exits. A second signal aborts at once (KeyboardInterrupt). Only installed in the main thread."""
+    """SIGTERM or SIGINT (Ctrl-C) sets `signal_name`; the trainer checks `requested()` after each step, writes a
+    checkpoint and exits. A second signal aborts at once (KeyboardInterrupt). Only installed in the main thread."""
 
     def __init__(self, log=warn):
         self.signal_name, self.log = None, log
@@ -247,3 +314,9 @@ class PreemptionGuard:
         self.signal_name = name
         self.log(f"{name} received: finishing this step, then writing a checkpoint and exiting "
                  f"(send it again to abort at once)")
+
+    def requested(self):
+        """Whether a signal asked to stop, on any rank (under torchrun all ranks stop after the same step)."""
+        if all_reduce_max(int(self.signal_name is not None)):
+            self.signal_name = self.signal_name or "a signal to another rank"
+        return self.signal_name is not None

@@ -128,6 +128,10 @@ def check_values(config, min_group_size=2):
         raise ValueError("USE_TOKEN_WEIGHTS and the MDI reward (W_MDI) need ATTENTION_METRICS=True")
     if not 0 < config.get("TOKEN_WEIGHT_MIN", 0.2) <= 1 <= config.get("TOKEN_WEIGHT_MAX", 3.0):
         raise ValueError("token weight bounds must satisfy 0 < TOKEN_WEIGHT_MIN <= 1 <= TOKEN_WEIGHT_MAX")
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    if config.get("TRAIN_BATCH_PROMPTS", ranks) < ranks:
+        raise ValueError(f"TRAIN_BATCH_PROMPTS={config['TRAIN_BATCH_PROMPTS']} is the global batch, split over the "
+                         f"{ranks} torchrun processes: it needs at least one prompt per process")
     check_paths(config)
     if "REPORT_TO" in config:
         from utils.trackers import tracker_names
@@ -189,12 +193,15 @@ def help_text(path, config):
 def run_cli(main, argv=None):
     """Run a trainer's main(argv) from the command line: `-h`/`--help` prints every constant; a user error (a
     bad constant or value, a missing file or folder, an unsupported model) prints one line to stderr and exits
-    with status 2. RL_TRACEBACK=1 shows the traceback instead."""
+    with status 2. RL_TRACEBACK=1 shows the traceback instead. Under torchrun the process group is left at the
+    end."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         module = sys.modules[main.__module__]
         print(help_text(module.__file__, constants_of(vars(module))))
         sys.exit(0)
+    from utils.distributed import close_distributed
+
     try:
         return main(argv)
     except (ValueError, OSError) as e:  # UserError is a ValueError; OSError: files, hub lookups
@@ -203,3 +210,5 @@ def run_cli(main, argv=None):
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        close_distributed()

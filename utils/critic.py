@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from utils.distributed import equal_passes
 from utils.logprobs import completion_hidden_states
 from utils.precision import autocast, no_autocast
 from utils.rollout import slice_inputs
@@ -38,12 +39,15 @@ class Critic(nn.Module):
     @torch.no_grad()
     def batched(self, prompt_inputs, completion_ids, completion_mask, micro_batch_size, precision="fp32"):
         """forward over a whole batch in micro-batches, without gradients, in `precision` (utils/precision.py).
-        Returns [B, L] on CPU."""
+        Returns [B, L] on CPU. Under torchrun every rank runs as many passes as the busiest (a sharded forward
+        gathers weights from all ranks); the extra ones rerun the first rows and are dropped."""
         out = []
         device = self.head.weight.device
-        for start in range(0, completion_ids.shape[0], micro_batch_size):
-            rows = slice(start, start + micro_batch_size)
+        n = completion_ids.shape[0]
+        for start in range(0, equal_passes(n, micro_batch_size) * micro_batch_size, micro_batch_size):
+            rows = slice(start, start + micro_batch_size) if start < n else slice(0, 1)
             with autocast(precision, device):
                 values = self(slice_inputs(prompt_inputs, rows), completion_ids[rows], completion_mask[rows])
-            out.append(values.cpu())
+            if start < n:
+                out.append(values.cpu())
         return torch.cat(out)

@@ -6,8 +6,16 @@ the *global* number of valid tokens (token level) or sequences (sample level) of
 gradient is the single-process gradient of the whole global batch (tests/test_distributed.py). FSDP's
 gradient reduction is set to a plain sum across ranks to match (its default averages).
 
-Every function here is the identity, or a no-op, in a process not launched by torchrun: one process runs
-exactly as before.
+What the trainers call (each the identity, or a no-op, in a process not launched by torchrun, so one process
+runs exactly as before):
+* `init_distributed` / `close_distributed`: join and leave the process group; the rank's device;
+* `shard_model`, `shard_critic`: FSDP2 units, fp32 sharded parameters and AdamW state, bf16 compute if mixed;
+* `rank_sampling` (used by utils.rollout.sample_step): each rank's share of every draw of prompts, and dynamic
+  sampling's refill rounds stopped on the *global* count of informative groups;
+* `rank_rows`, `gather_rows`, `all_reduce_sum`, `all_reduce_max`: the metrics of the whole global batch, exactly;
+* `rank_share`: this rank's part of the held-out evaluation;
+* `gather_full_state_dict`, `full_tensor`: the consolidated weights rank 0 saves, the generation copy's refresh.
+Rank 0 is the one writer of the run folder (utils/runlog.py, utils/checkpoint.py).
 """
 
 import os
@@ -22,8 +30,9 @@ from torch.distributed.tensor import DTensor
 
 @dataclass(frozen=True)
 class World:
-    """Where this process stands. device: the rank's device, or None when not launched by torchrun (then the
-    trainer's POLICY_DEVICE / ROLLOUT_DEVICE choice applies unchanged)."""
+    """Where this process stands. device: the rank's device under torchrun, or None in a process not launched by
+    it. With one rank (`--nproc_per_node=1`) nothing is sharded and POLICY_DEVICE / ROLLOUT_DEVICE apply as
+    without torchrun."""
 
     rank: int = 0
     world_size: int = 1
@@ -42,16 +51,51 @@ def init_distributed():
     process group."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World()
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
+    return current_world()
+
+
+def current_world():
+    """The World of this process, from the process group (World() without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return World(rank, world_size, local_rank, device)
+    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def is_main_process():
+    """Rank 0, or the only process: the one that writes the run folder and prints."""
+    return current_world().is_main
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def gather_objects(value):
+    """Every rank's `value` (any picklable object), in rank order ([value] in one process)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (any picklable object); the value itself in one process."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def close_distributed():
@@ -95,6 +139,53 @@ def all_reduce_max(value):
     return _all_reduce(value, dist.ReduceOp.MAX if dist.is_available() else None)
 
 
+def gather_rows(value):
+    """Every rank's rows of a tensor concatenated in rank order, on every rank (the tensor itself in one process).
+
+    value: [n, ...]; n and the other sizes may differ between ranks (a rank's smaller dimensions are padded with
+    zeros to the largest, e.g. completion lengths [n, L]). A dict (of dicts) of tensors is gathered leaf by leaf.
+    Used for the metrics of the global batch: the same numbers as one process that sampled every rank's rows."""
+    if isinstance(value, dict):
+        return {k: gather_rows(v) for k, v in value.items()}
+    if not is_distributed():
+        return value
+    device, world_size = _comm_device(), dist.get_world_size()
+    shape = torch.tensor(value.shape, dtype=torch.int64, device=device)
+    shapes = [torch.zeros_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape)
+    shapes = torch.stack(shapes).tolist()
+    largest = [max(s[d] for s in shapes) for d in range(value.dim())]
+    padded = torch.zeros(largest, dtype=torch.float64, device=device)
+    padded[tuple(slice(0, n) for n in value.shape)] = value.detach().to(device, torch.float64)
+    parts = [torch.zeros_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    rows = [part[: s[0]] for part, s in zip(parts, shapes)]
+    return torch.cat(rows).to(value.device, value.dtype)
+
+
+def rank_rows(padding=False):
+    """The `pool` of the statistics of a step's training batch (utils.rl.whiten, the attention and token-weight
+    metrics, the trainers' means): gather_rows, so that they run over the rows of every rank; a rank that trains
+    on a zero-weight padding group (`padding`, utils.rollout.sample_step) contributes no rows. The identity in one
+    process."""
+    if not padding:
+        return gather_rows
+
+    def none_of_mine(value):
+        return {k: none_of_mine(v) for k, v in value.items()} if isinstance(value, dict) else gather_rows(value[:0])
+
+    return none_of_mine
+
+
+def all_reduce_mean(value, weight):
+    """The `weight`-weighted mean over ranks of each rank's mean `value` (a rank with weight 0 adds nothing);
+    `value` itself in one process."""
+    if not is_distributed():
+        return value
+    total, weight = all_reduce_sum([value * weight if weight else 0.0, weight])
+    return total / weight if weight else float("nan")
+
+
 def all_gather_counts(count):
     """Every rank's value of the integer `count`, in rank order ([count] in one process)."""
     if not is_distributed():
@@ -107,15 +198,31 @@ def all_gather_counts(count):
 # ── Splitting the work ────────────────────────────────────────────────────────────────────────────────────
 
 
-def rank_share(items, world):
+def rank_share(items, world=None):
     """This rank's share of a sequence (a list or a dataset; every world_size-th item from its rank on), as a
-    list: e.g. the held-out examples each rank evaluates. Shares differ by at most one item."""
+    list: e.g. the held-out examples each rank evaluates. Shares differ by at most one item. world: this process's
+    World by default."""
+    world = world or current_world()
     return [items[i] for i in range(world.rank, len(items), world.world_size)]
 
 
-def prompts_per_rank(n_prompts, world):
+def prompts_per_rank(n_prompts, world=None):
     """How many of the global batch's `n_prompts` prompts this rank samples (shares differ by at most one)."""
+    world = world or current_world()
     return n_prompts // world.world_size + (world.rank < n_prompts % world.world_size)
+
+
+def rank_sampling(draw_prompts, n_prompts):
+    """How this rank samples its share of a step whose global batch is `n_prompts` prompts (groups):
+    (its number of prompts, a draw function for its share, the refill quota for utils.rollout.collect_groups).
+    Every rank holds the same prompt sampler, draws the whole global batch of each round and keeps its share, so
+    the prompts a run sees do not depend on the number of ranks, and the sampler's state is the same everywhere.
+    In one process: (n_prompts, draw_prompts, None)."""
+    if not is_distributed():
+        return n_prompts, draw_prompts, None
+    world = current_world()
+    return (prompts_per_rank(n_prompts, world), lambda _: rank_share(draw_prompts(n_prompts), world),
+            global_group_quota(n_prompts, world))
 
 
 def split_quota(counts, total):
@@ -144,30 +251,40 @@ def global_group_quota(n_groups_global, world):
     return quota
 
 
-def reduce_metrics(metrics, weight=1.0, sums=(), maxes=()):
-    """One metrics dict for the whole global batch from each rank's: the `weight`-weighted mean over ranks
-    (weight: the rank's number of sequences, tokens or examples behind its means), the sum for keys in `sums`,
-    the maximum for keys in `maxes`. Non-numeric values (and "step") are left as they are. All ranks must pass
-    the same keys in the same order."""
-    if not is_distributed():
-        return metrics
-    keys = [k for k, v in metrics.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    mean_keys = [k for k in keys if k not in sums and k not in maxes]
-    totals = all_reduce_sum([metrics[k] * weight for k in mean_keys] + [metrics[k] for k in keys if k in sums]
-                            + [float(weight)])
-    largest = all_reduce_max([metrics[k] for k in keys if k in maxes])
-    out = dict(metrics)
-    total_weight = totals[-1]
-    for k, v in zip(mean_keys, totals):
-        out[k] = v / total_weight if total_weight else float("nan")
-    for k, v in zip([k for k in keys if k in sums], totals[len(mean_keys) :]):
-        out[k] = v
-    for k, v in zip([k for k in keys if k in maxes], largest):
-        out[k] = v
-    return out
+def replay_slots(n_fresh, n_stored, n_groups):
+    """How many groups this rank takes from its replay buffer: the global batch of `n_groups` lacks
+    n_groups − (fresh groups of all ranks), and the ranks fill that from their buffers (`n_stored` groups here)
+    as split_quota splits it. In one process: min(n_stored, n_groups − n_fresh)."""
+    fresh, stored = all_gather_counts(n_fresh), all_gather_counts(n_stored)
+    return split_quota(stored, max(n_groups - sum(fresh), 0))[current_world().rank]
 
 
 # ── The sharded policy ────────────────────────────────────────────────────────────────────────────────────
+
+
+def _fsdp_kwargs(precision):
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return {"mp_policy": mixed} if precision == "bf16-mixed" else {}
+
+
+def _sum_gradients(module):
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)  # a sum over ranks ...
+            m.set_force_sum_reduction_for_comms(True)  # ... as a plain SUM on every backend
+
+
+def _shard_backbone(backbone, precision, extra=None):
+    """fully_shard each vision block and text decoder layer of a Qwen-VL backbone, then the backbone itself as the
+    root unit (with `extra`'s parameters, a module outside it that must share the root: the lm_head)."""
+    kwargs = _fsdp_kwargs(precision)
+    for unit in list(backbone.visual.blocks) + list(backbone.language_model.layers):
+        fully_shard(unit, **kwargs)
+    if extra is not None:  # registered under the backbone while the root is built, its weights join the root unit
+        backbone.add_module("sharded_extra", extra)
+    fully_shard(backbone, **kwargs)
+    if extra is not None:
+        del backbone.sharded_extra  # the state dict keeps its own keys
 
 
 def shard_model(model, precision):
@@ -181,24 +298,35 @@ def shard_model(model, precision):
     the end of the backward, which is when lm_head runs. (`model(...)`, e.g. generate(), works too.)
     Sharded parameters, gradients and so AdamW state stay fp32; precision "bf16-mixed" computes in bf16 and
     reduces gradients in fp32. Gradients are summed over ranks (not averaged): policy_update divides the loss by
-    global counts.
+    global counts. In one process the model is returned as it is.
     """
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kwargs = {"mp_policy": mixed} if precision == "bf16-mixed" else {}
+    if not is_distributed():
+        return model
     model.float()
-    units = list(model.model.visual.blocks) + list(model.model.language_model.layers)
-    for unit in units:
-        fully_shard(unit, **kwargs)
-    # lm_head sits outside the backbone: registered under it while the root is built, its weight joins the root
-    # unit, and FSDP swaps it (sharded / gathered) on lm_head as on every module that holds it.
-    model.model.add_module("sharded_lm_head", model.lm_head)
-    fully_shard(model.model, **kwargs)
-    del model.model.sharded_lm_head  # the state dict keeps its own keys
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # a sum over ranks ...
-            module.set_force_sum_reduction_for_comms(True)  # ... as a plain SUM on every backend
+    # lm_head sits outside the backbone; FSDP swaps its weight (sharded / gathered) on lm_head as on every module
+    # that holds it.
+    _shard_backbone(model.model, precision, extra=model.lm_head)
+    _sum_gradients(model)
     return model
+
+
+def shard_critic(critic, policy, precision):
+    """Shard PPO's critic like the policy: its head is a unit of its own (its gradient is summed over ranks like
+    every other), and a separate backbone is sharded as the policy's. A shared backbone is the policy's, already
+    sharded. In one process the critic is returned as it is."""
+    if not is_distributed():
+        return critic
+    if critic.backbone is not policy.model:
+        _shard_backbone(critic.backbone, precision)
+    fully_shard(critic.head)  # fp32 always: the head runs outside autocast
+    _sum_gradients(critic)
+    return critic
+
+
+def equal_passes(n_rows, micro_batch_size):
+    """The number of micro-batch passes every rank runs over its `n_rows` rows: the busiest rank's. A forward pass
+    of a sharded model gathers its weights from all ranks, so all ranks must run the same number of them."""
+    return all_reduce_max(-(-n_rows // micro_batch_size))
 
 
 def grad_norm_value(norm):
@@ -217,11 +345,7 @@ def gather_full_state_dict(model, to_all_ranks=False):
     return {k: v.cpu() for k, v in state.items()} if to_all_ranks else state
 
 
-@torch.no_grad()
-def refresh_generation_copy(policy, rollout):
-    """Copy the sharded policy's weights into this rank's full generation copy (any dtype), one parameter at a
-    time so that at most one full parameter is gathered at once. Every rank must call it."""
-    targets = dict(rollout.named_parameters())
-    for name, p in policy.named_parameters():
-        full = p.full_tensor() if isinstance(p, DTensor) else p
-        targets[name].copy_(full, non_blocking=True)
+def full_tensor(tensor):
+    """A sharded parameter (DTensor) gathered whole on every rank (every rank must call it); a tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+

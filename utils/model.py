@@ -14,6 +14,8 @@ from transformers import (
 )
 from transformers.image_utils import SizeDict
 
+from utils.distributed import current_world, full_tensor, is_distributed
+
 EMBEDDED_MODEL = "embedded-tiny-vlm"
 # Tokens a policy must never sample: they only ever come from the processor.
 VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
@@ -96,7 +98,11 @@ def load_trainable_model(path, device, trust_remote_code=False, gradient_checkpo
 
 
 def resolve_devices(policy_device, rollout_device):
-    """("auto", "auto") -> two GPUs: cuda:0 / cuda:1; one GPU: cuda:0 for both; none: cpu for both."""
+    """("auto", "auto") -> two GPUs: cuda:0 / cuda:1; one GPU: cuda:0 for both; none: cpu for both.
+    Under torchrun every model of a rank lives on the rank's device (its GPU, or the CPU), whatever the constants."""
+    if is_distributed():
+        device = current_world().device
+        return device, device
     n_gpu = torch.cuda.device_count()
     if policy_device == "auto":
         policy_device = "cuda:0" if n_gpu else "cpu"
@@ -115,9 +121,11 @@ def load_reference_model(path, device, dtype, trust_remote_code=False):
 
 def make_rollout_model(policy, rollout_device, dtype):
     """The model that generates: the policy itself when it lives on the rollout device in `dtype` (fp32 training),
-    else a frozen copy on `rollout_device` in `dtype` (bf16-mixed: a bf16 inference copy)."""
+    else a frozen copy on `rollout_device` in `dtype` (bf16-mixed: a bf16 inference copy). Under torchrun always a
+    copy, made before the policy is sharded: each rank generates with a whole model of its own, so generation needs
+    no communication and ranks may run different numbers of decode steps and rounds."""
     weights = next(policy.parameters())
-    if weights.device == torch.device(rollout_device) and weights.dtype == dtype:
+    if weights.device == torch.device(rollout_device) and weights.dtype == dtype and not is_distributed():
         return policy
     rollout = copy.deepcopy(policy).to(rollout_device, dtype).eval()
     rollout.requires_grad_(False)
@@ -127,11 +135,11 @@ def make_rollout_model(policy, rollout_device, dtype):
 @torch.no_grad()
 def sync_rollout_model(policy, rollout):
     """Copy the policy's weights into the rollout copy (after every optimizer step), rounding fp32 to the copy's
-    dtype."""
+    dtype. A sharded policy's parameters are gathered one at a time (every rank must call it)."""
     if rollout is policy:
         return
     for p_dst, p_src in zip(rollout.parameters(), policy.parameters()):
-        p_dst.copy_(p_src, non_blocking=True)
+        p_dst.copy_(full_tensor(p_src), non_blocking=True)
 
 
 def suppressed_token_ids(tokenizer):

@@ -118,9 +118,12 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
-def whiten(values, mask, eps=1e-8):
-    """(x − mean) / std over the valid tokens (mask 1), 0 elsewhere. [B, L] -> [B, L]."""
+def whiten(values, mask, eps=1e-8, pool=None):
+    """(x − mean) / std over the valid tokens (mask 1), 0 elsewhere. [B, L] -> [B, L].
+    pool: maps this batch's valid values to those the statistics run over (utils.distributed.gather_rows: the
+    valid values of every rank, so the whole global batch is whitened as one)."""
     valid = values[mask.bool()]
+    valid = pool(valid) if pool is not None else valid
     if valid.numel() < 2:  # nothing to normalise against
         return values * mask.to(values.dtype)
     return (values - valid.mean()) / (valid.std() + eps) * mask.to(values.dtype)
@@ -138,10 +141,12 @@ def clipped_value_loss(values, values_old, returns, clip_range):
     return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def explained_variance(values, returns, mask):
+def explained_variance(values, returns, mask, pool=None):
     """1 − Var(R − V) / Var(R) over the valid tokens: 1 = the critic predicts the returns perfectly, 0 = no better
-    than their mean, < 0 = worse. NaN when the returns do not vary."""
+    than their mean, < 0 = worse. NaN when the returns do not vary. pool: as in whiten."""
     valid = mask.bool()
     returns, values = returns[valid], values[valid]
+    if pool is not None:
+        returns, values = pool(returns), pool(values)
     var = returns.var()
     return (1 - (returns - values).var() / var).item() if var > 0 else float("nan")

@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from data.prompts import encode_prompts
+from utils.distributed import all_reduce_max, all_reduce_sum, is_main_process, rank_sampling, replay_slots
 from utils.generation import sample_completions
 from utils.rl import is_informative
 
@@ -123,7 +124,8 @@ def generate(model, processor, examples, group_size, max_new_tokens, temperature
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     prompts_per_batch = max(1, (batch_size or len(examples) * group_size) // group_size)
     prompts, completions = [], []
-    for start in tqdm(range(0, len(examples), prompts_per_batch), desc=desc, leave=False, disable=desc is None):
+    for start in tqdm(range(0, len(examples), prompts_per_batch), desc=desc, leave=False,
+                      disable=desc is None or not is_main_process()):
         inputs = encode_prompts(processor, examples[start : start + prompts_per_batch])  # [b, P]
         ids, _ = sample_completions(model, inputs, group_size, max_new_tokens, temperature=temperature, top_p=top_p,
                                     greedy=greedy, suppress_ids=suppress_ids, eos_ids=eos_ids,
@@ -269,22 +271,38 @@ class ReplayBuffer:
 
 
 def sample_step(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds, max_group_size,
-                replay=None, quota=None):
+                replay=None):
     """One training step's sampling: collect_groups (arguments as there), then, with a ReplayBuffer, its swaps.
 
-    Returns (everything: every completion sampled; train_groups: the groups to train on, one scored Rollout
-    each; metrics: the step's dapo/* sampling metrics).
+    Under torchrun `n_groups` is the global batch: each rank samples its share of every draw of prompts, refill
+    rounds go on until the ranks *together* hold n_groups informative groups (or max_rounds), and the metrics count
+    the groups of all ranks (utils/distributed.py). A group never spans ranks; each rank has its own replay buffer.
+
+    Returns (everything: every completion this rank sampled; train_groups: the groups it trains on, one scored
+    Rollout each; padding: True when this rank has no group to train on while other ranks have some — it then
+    trains on one of its flat groups with zero weight (policy_update's batch_is_padding), to join the sharded
+    update; metrics: the step's dapo/* sampling metrics, global).
     """
-    everything, groups, kept, rounds = collect_groups(sample, draw_prompts, n_groups, group_size, pad_token_id,
+    n_local, draw_local, quota = rank_sampling(draw_prompts, n_groups)
+    everything, groups, kept, rounds = collect_groups(sample, draw_local, n_local, group_size, pad_token_id,
                                                       mode, max_rounds, max_group_size, quota)
     train_groups = [select_rows(everything, groups[g]) for g in kept]
     n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
-    metrics = {"dapo/gen_batches": rounds, "dapo/kept_group_frac": len(kept) / len(groups),
-               "dapo/flat_group_frac": n_flat / len(groups)}
-    if mode == "topup":
-        metrics["dapo/topup_samples"] = len(everything) - group_size * len(groups)
+    n_replayed = 0
     if replay is not None:  # stored informative groups stand in for flat (or missing) ones
-        train_groups, n_replayed = replay.swap_flat_groups(train_groups, n_groups)
-        metrics.update({"dapo/replayed_groups": n_replayed, "dapo/replay_buffer_size": len(replay)})
-    metrics["dapo/train_groups"] = len(train_groups)
-    return everything, train_groups, metrics
+        slots = replay_slots(len(train_groups), len(replay), n_groups)  # what the global batch lacks, this rank's part
+        train_groups, n_replayed = replay.swap_flat_groups(train_groups, len(train_groups) + slots)
+    n_kept, n_sampled, n_flat, n_topup, n_replayed, n_stored, n_train = all_reduce_sum(
+        [len(kept), len(groups), n_flat, len(everything) - group_size * len(groups), n_replayed,
+         len(replay) if replay is not None else 0, len(train_groups)])
+    metrics = {"dapo/gen_batches": all_reduce_max(rounds), "dapo/kept_group_frac": n_kept / n_sampled,
+               "dapo/flat_group_frac": n_flat / n_sampled}
+    if mode == "topup":
+        metrics["dapo/topup_samples"] = n_topup
+    if replay is not None:
+        metrics.update({"dapo/replayed_groups": n_replayed, "dapo/replay_buffer_size": n_stored})
+    metrics["dapo/train_groups"] = n_train
+    padding = n_train > 0 and not train_groups
+    if padding:
+        train_groups = [select_rows(everything, groups[0])]
+    return everything, train_groups, padding, metrics

@@ -12,7 +12,9 @@ import time
 from tqdm import tqdm
 
 from utils.attention import per_row
+from utils.distributed import all_reduce_max, all_reduce_sum, broadcast_object, gather_rows, is_main_process
 from utils.markdown_logs import TerminalLog, append_attention_diagnostics, append_rollout_results, append_token_weights
+from utils.plot_metrics import plot_run
 
 
 class RunLog:
@@ -81,12 +83,54 @@ class RunLog:
         append_token_weights(path("token_weights.md"), step, tokenizer, rollout, advantages, n_samples,
                              weights=weights, vgr=vgr)
 
+    def plot(self, compare=None):
+        """Redraw plots/ from metrics.jsonl (utils/plot_metrics.py), against the run folder `compare` if given;
+        returns the files drawn."""
+        return plot_run(self.dir, compare)
+
     def print_metrics(self, metrics, keys):
         def label(key):  # "reward/accuracy/mean" -> "accuracy/mean"; eval keys keep their namespace
             return key if key.startswith("eval/") else key.split("/", 1)[-1]
 
         parts = [f"{label(k)}={metrics[k]:.3g}" for k in keys if metrics.get(k) is not None]
         tqdm.write(f"step {metrics['step']:>4} | " + "  ".join(parts))  # run_terminal.md has the full block
+
+
+class QuietRunLog:
+    """What the ranks other than 0 hold under torchrun: the same calls as a RunLog, and the same folder, but
+    nothing is written or printed. Rank 0 writes for the whole run: every rank draws the same prompts (so the same
+    rows are skipped) and takes its decisions from global counts, so rank 0's warnings are the run's; the samples
+    in the markdown logs are rank 0's."""
+
+    def __init__(self, run_dir):
+        self.dir = run_dir
+
+    def print(self, message):
+        pass
+
+    def warn(self, message):
+        pass
+
+    def log_metrics(self, metrics):
+        pass
+
+    def log_samples(self, *args, **kwargs):
+        pass
+
+    def print_metrics(self, metrics, keys):
+        pass
+
+    def plot(self, compare=None):
+        return []
+
+
+def open_run_log(root, algo, config, script_path, resume=None):
+    """The run's log: a RunLog (arguments as there) on rank 0, the one writer, and under torchrun a QuietRunLog
+    with the same folder on every other rank."""
+    run = RunLog(root, algo, config, script_path, resume) if is_main_process() else None
+    run_dir = broadcast_object(run.dir if run is not None else None)
+    return run if run is not None else QuietRunLog(run_dir)
+
 
 # What the terminal shows each step (everything goes to metrics.jsonl).
 SHOWN_METRICS = ("reward/total/mean", "reward/accuracy/mean", "reward/format/mean", "policy/loss",
@@ -125,22 +169,24 @@ def mean_std(values):
 
 
 def rollout_metrics(rollout):
-    """reward/<component>/{mean,std} and response/* over every completion generated this step."""
+    """reward/<component>/{mean,std} and response/* over every completion generated this step (by every rank)."""
     metrics = {}
-    for name, values in rollout.rewards.items():
+    for name, values in gather_rows(rollout.rewards).items():
         metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std(values)
-    lengths = rollout.completion_mask.sum(1)
+    lengths = gather_rows(rollout.completion_mask.sum(1))
     metrics["response/length/mean"] = lengths.float().mean().item()
     metrics["response/length/max"] = lengths.max().item()
-    metrics["response/truncated_frac"] = rollout.truncated.float().mean().item()
+    metrics["response/truncated_frac"] = gather_rows(rollout.truncated).float().mean().item()
     return metrics
 
 
 def perf_metrics(step_start, generate_s, logprob_s, update_s, generated_tokens):
-    """perf/*: wall time of the step and of its parts; generated completion tokens per second of the step."""
-    step_s = time.time() - step_start
+    """perf/*: wall time of the step and of its parts (the slowest rank's); completion tokens generated per second
+    of the step, by all ranks together."""
+    step_s, generate_s, logprob_s, update_s = all_reduce_max([time.time() - step_start, generate_s, logprob_s,
+                                                              update_s])
     return {"perf/step_s": step_s, "perf/generate_s": generate_s, "perf/logprob_s": logprob_s,
-            "perf/update_s": update_s, "perf/tokens_per_s": generated_tokens / step_s}
+            "perf/update_s": update_s, "perf/tokens_per_s": all_reduce_sum(generated_tokens) / step_s}
 
 
 def comparison_run(runs_dir, algo, compare_with):

@@ -20,6 +20,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from data.prompts import SYSTEM_PROMPT, encode_prompts
 from data.synthetic import QUESTION_KINDS, SyntheticVQA, reasoning_for
+from utils.distributed import barrier, is_main_process
 from utils.model import ImageOnlyProcessor
 
 SPECIAL_TOKENS = [
@@ -178,10 +179,20 @@ def warm_start(model, processor):
 
 
 def ensure_tiny_vlm(cache_dir, log=print):
-    """Folder of the warm-started tiny VLM, built on first use (a minute or two on CPU)."""
+    """Folder of the warm-started tiny VLM, built on first use (a minute or two on CPU). Under torchrun rank 0
+    builds it while the other ranks wait."""
     path = os.path.join(cache_dir, f"tiny-vlm-{recipe_hash()}")
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
+    if not is_main_process():
+        barrier()  # ... until rank 0 has it
         return path
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        build_tiny_vlm(path, log)
+    barrier()
+    return path
+
+
+def build_tiny_vlm(path, log=print):
+    """Build the tiny VLM (tokenizer, processor, warm start) into `path`, atomically."""
     log(f"building the embedded tiny VLM in {path} (first use only)")
     start = time.time()
     tokenizer = train_tokenizer(RECIPE["vocab_size"])
@@ -196,4 +207,3 @@ def ensure_tiny_vlm(cache_dir, log=print):
     os.replace(tmp, path)  # atomic: a killed build never leaves a half-written model behind
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     log(f"tiny VLM built in {time.time() - start:.0f}s ({n_params:.2f}M parameters)")
-    return path

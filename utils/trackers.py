@@ -7,6 +7,8 @@ import importlib.util
 import math
 import os
 
+from utils.distributed import is_main_process
+
 PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # REPORT_TO entry -> package it needs
 
 
@@ -78,6 +80,8 @@ class Trackers:
 
 
 def make_tracker(report_to, run_dir, config):
-    """The trackers of REPORT_TO for the run in `run_dir`, with the run's config; log(metrics, step), close()."""
+    """The trackers of REPORT_TO for the run in `run_dir`, with the run's config; log(metrics, step), close().
+    Under torchrun only rank 0 reports (the metrics are already global)."""
     kinds = {"wandb": WandbTracker, "tensorboard": TensorBoardTracker}
-    return Trackers([kinds[name](run_dir, config) for name in tracker_names(report_to)])
+    names = tracker_names(report_to)  # checked on every rank
+    return Trackers([kinds[name](run_dir, config) for name in names] if is_main_process() else [])

@@ -7,7 +7,7 @@ import math
 import torch
 
 from utils.attention import BucketMasses
-from utils.distributed import all_reduce_max, all_reduce_sum, grad_norm_value
+from utils.distributed import all_reduce_mean, all_reduce_sum, equal_passes, grad_norm_value
 from utils.logprobs import completion_hidden_states, logprobs_from_hidden
 from utils.precision import autocast
 from utils.rl import aggregate, clipped_surrogate, clipped_value_loss, k3_kl
@@ -30,8 +30,8 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
     trains only its head (the policy's pass runs without gradients), so the policy does not move.
     Forward passes run in `precision` (utils/precision.py: bf16 autocast over fp32 weights, or fp32); log-probs,
     entropy and the loss are fp32. Also returns logp_mismatch: mean |logp_old − logp| over the valid tokens of
-    the first micro-batch, before any update — the numeric gap between the model that computed logp_old (the
-    rollout copy) and the trained policy; 0 when they are one fp32 model.
+    the first micro-batch (of each rank), before any update — the numeric gap between the model that computed
+    logp_old (the rollout copy) and the trained policy; 0 when they are one fp32 model.
     logp_old=None (a batch used for one optimizer step by the policy that sampled it): π_old is the update's own
     log-probs, detached (ratio 1), so no separate pass computes them; they are returned as stats["logp_old"]
     [B, L], and with `image_token_id` the attention bucket masses of the same forward passes as
@@ -54,6 +54,7 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
     if critic is not None:
         stats.update(value_loss=0.0, value_clip_frac=0.0)
     counted_tokens, valid_tokens, updates, skipped = 0, 0, 0, 0
+    mismatch_tokens = 0  # valid tokens behind logp_mismatch
     device = next(policy.parameters()).device
     generator = torch.Generator().manual_seed(0)
     for _ in range(epochs):
@@ -62,7 +63,7 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
             mb_rows = mb_rows.tolist()
             own_tokens = 0 if batch_is_padding else int(loss_mask[mb_rows].sum())
             total_tokens, total_sequences = all_reduce_sum([own_tokens, 0 if batch_is_padding else len(mb_rows)])
-            n_micro = all_reduce_max(math.ceil(len(mb_rows) / micro_batch_size))  # FSDP: equal passes on all ranks
+            n_micro = equal_passes(len(mb_rows), micro_batch_size)  # FSDP: the same number of passes on all ranks
             optimizer.zero_grad(set_to_none=True)
             mb_loss, mb_policy_loss = 0.0, 0.0  # the optimised loss, and its policy part
             for start in range(0, n_micro * micro_batch_size, micro_batch_size):
@@ -88,6 +89,7 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
                 if "logp_mismatch" not in stats:  # the first micro-batch, before any optimizer step
                     valid = batch.completion_mask[rows].to(device).bool()
                     stats["logp_mismatch"] = (logp.detach() - old)[valid].abs().mean().item()
+                    mismatch_tokens = int(valid.sum()) if weight else 0
                 adv = advantages[rows].to(device)  # [b] per sequence, or [b, L] per token (token weights, PPO)
                 adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
                 per_token, clipped_low, clipped_high, clipped_dual = clipped_surrogate(
@@ -132,9 +134,11 @@ def policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, *, 
             stats["loss"] += mb_policy_loss
             stats["grad_norm"] += grad_norm
             updates += 1
-    summed = [k for k in stats if k not in ("loss", "grad_norm")]  # this rank's sums; loss, grad_norm are global
+    # This rank's sums; loss and grad_norm are global already, logp_mismatch a mean (weighted by tokens below).
+    summed = [k for k in stats if k not in ("loss", "grad_norm", "logp_mismatch")]
     *totals, valid_tokens = all_reduce_sum([stats[k] for k in summed] + [valid_tokens])
     stats.update(zip(summed, totals))
+    stats["logp_mismatch"] = all_reduce_mean(stats.get("logp_mismatch", float("nan")), mismatch_tokens)
     stats["entropy"] /= max(valid_tokens, 1)
     for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "kl", "value_loss", "value_clip_frac"):
         if k in stats:  # means over the tokens that carry loss
