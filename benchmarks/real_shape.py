@@ -18,9 +18,11 @@
     rewards would give zero advantages), and every completion token trained on (a random model never stops, so
     overlong filtering would mask all of them; the compute is the same either way).
 (b) --plan: no model is built. The parameter counts of the exact 3B and 7B configurations (built on the meta
-    device) give the memory of bf16-mixed training at the default shapes, for the two-GPU layout and for one GPU.
+    device) give the memory of bf16-mixed training at the default shapes, for the two-GPU layout and for one GPU;
+    --plan --fsdp: per GPU under torchrun + FSDP2 (utils/distributed.py) for 3B, 7B and 32B on 1, 2, 4, 8 GPUs.
 
   python benchmarks/real_shape.py --plan
+  python benchmarks/real_shape.py --plan --fsdp
   python benchmarks/real_shape.py --device cuda:0                        # full 3B, one GPU, default shapes
   python benchmarks/real_shape.py --device cuda:0 --model 7b --micro-batch-size 2
   python benchmarks/real_shape.py --layers 2 --vision-depth 2 --image-size 224x224 --prompt-tokens 0 \\
@@ -66,6 +68,8 @@ PRESETS = {
                          num_key_value_heads=2, vocab_size=151936), tie_word_embeddings=True),
     "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4, vocab_size=152064), tie_word_embeddings=False),
+    "32b": dict(text=dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                          num_key_value_heads=8, vocab_size=152064), tie_word_embeddings=False),
 }
 ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # Qwen's processor
@@ -80,7 +84,7 @@ VISION_SAVED_PER_PATCH_BLOCK = 155_144  # bytes per patch per vision block (hidd
 
 
 def model_config(preset, ids, layers=None, vision_depth=None):
-    """Qwen2_5_VLConfig of `preset` ("3b" | "7b"); layers / vision_depth cut the depth (a CPU-sized run)."""
+    """Qwen2_5_VLConfig of `preset` ("3b" | "7b" | "32b"); layers / vision_depth cut the depth (a CPU-sized run)."""
     p = PRESETS[preset]
     text = dict(p["text"], rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=128000,
                 rope_parameters=ROPE, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
@@ -300,13 +304,64 @@ def report(args, results):
 
 
 # ── (b) the plan: memory from parameter counts ─────────────────────────────────────────────────────────────────
-def parameter_counts(preset):
-    """(total, vision tower incl. merger) parameters of the exact configuration, counted on the meta device."""
+def meta_model(preset):
     ids = {t: 151643 + i for i, t in enumerate(SPECIAL_TOKENS)}  # any ids in the vocabulary: counts do not change
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(model_config(preset, ids))
+        return Qwen2_5_VLForConditionalGeneration._from_config(model_config(preset, ids))
+
+
+def parameter_counts(preset):
+    """(total, vision tower incl. merger) parameters of the exact configuration, counted on the meta device."""
+    model = meta_model(preset)
     total = sum(p.numel() for p in model.parameters())
     return total, sum(p.numel() for p in model.model.visual.parameters())
+
+
+def fsdp_plan(args):
+    """Per-GPU memory of bf16-mixed training under torchrun + FSDP2 (utils/distributed.py: one unit per vision
+    block and text layer, the backbone + lm_head as the root), from the meta-device parameter counts."""
+    width, height = map(int, args.image_size.split("x"))
+    patches = (width // 14) * (height // 14)
+    seq, n_seq = args.prompt_tokens + args.max_new_tokens, args.prompts * args.group_size
+    ranks = (1, 2, 4, 8)
+    print(f"bf16-mixed under torchrun + FSDP2, per GPU, GiB: the global batch of {n_seq} sequences (~{seq} tokens, "
+          f"{patches} patches each) split over the GPUs, micro-batch min({args.micro_batch_size}, sequences per "
+          f"GPU), gradient checkpointing on. An 80 GB GPU holds ~74.5 GiB.")
+    print("| model | parameters | " + " | ".join(f"{r} GPU{'s' if r > 1 else ''}: DAPO (GRPO)" for r in ranks)
+          + " |\n|---|---:|" + "---:|" * len(ranks))
+    for preset in ("3b", "7b", "32b"):
+        model = meta_model(preset)
+        n = sum(p.numel() for p in model.parameters())
+        units = list(model.model.visual.blocks) + list(model.model.language_model.layers)
+        unit_params = [sum(p.numel() for p in u.parameters()) for u in units]
+        root = n - sum(unit_params)  # embedding, lm_head (untied), norms, patch embedding, merger
+        t = PRESETS[preset]["text"]
+        h, layers, kv = t["hidden_size"], t["num_hidden_layers"], t["num_key_value_heads"]
+        scale = h / 2048
+        cells = []
+        for world in ranks:
+            per_rank = -(-n_seq // world)
+            mb = min(args.micro_batch_size, per_rank)
+            text_tokens, vision_patches = mb * seq, mb * patches
+            states = 16 * n / world  # fp32 weights, gradients, AdamW m and v: sharded
+            # Gathered in bf16 while they run: the root for the whole forward and backward, two units at a time
+            # (the one running and the one prefetched), and one unit's unsharded fp32 gradient before its
+            # reduce-scatter. FSDP's bf16 gather replaces autocast's weight copies.
+            gathered = 2 * root + 2 * 2 * max(unit_params) + 4 * max(unit_params)
+            act = (layers * text_tokens * 4 * h + VISION["depth"] * vision_patches * 2 * VISION["hidden_size"]
+                   + max(text_tokens * TEXT_SAVED_PER_TOKEN_LAYER * scale,
+                         vision_patches * VISION_SAVED_PER_PATCH_BLOCK))
+            logits = 4 * LOGITS_BUDGET_BYTES + 2 * 4 * t["vocab_size"] * h
+            copy = 2 * n  # each rank's whole bf16 generation copy
+            kv_cache = per_rank * seq * layers * 2 * kv * 128 * 2
+            dapo = states + gathered + act + logits + copy + kv_cache
+            grpo = dapo + 2 * n  # + the bf16 reference
+            fits = lambda b: "" if b / GiB <= 74.5 else " ✗"  # noqa: E731
+            cells.append(f"{dapo / GiB:.0f}{fits(dapo)} ({grpo / GiB:.0f}{fits(grpo)})")
+        print(f"| {preset.upper()} | {n / 1e9:.2f}B | " + " | ".join(cells) + " |")
+    print("✗: over 74.5 GiB. Per GPU = 16 B/parameter / GPUs (fp32 weights, gradients, AdamW; sharded) + the "
+          "whole bf16 generation copy (2 B/parameter, not sharded) + its KV cache for the GPU's sequences + the "
+          "gathered units + activations with checkpointing + chunked log-probs; GRPO adds the whole bf16 reference.")
 
 
 def plan(args):
@@ -365,6 +420,7 @@ def plan(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--plan", action="store_true", help="print the memory plan for 3B and 7B; no model is built")
+    p.add_argument("--fsdp", action="store_true", help="with --plan: per GPU under torchrun + FSDP2, 1-8 GPUs")
     p.add_argument("--model", default="3b", choices=sorted(PRESETS))
     p.add_argument("--device", default="cpu", help="cpu | cuda:N (one device holds everything)")
     p.add_argument("--layers", type=int, help="text decoder layers (default: the model's); cut down on a CPU")
@@ -384,7 +440,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.plan:
-        return plan(args)
+        return fsdp_plan(args) if args.fsdp else plan(args)
     if args.child:
         return child(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
