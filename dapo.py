@@ -130,7 +130,7 @@ TOKEN_WEIGHT_SMOOTHING = 0.0  # σ in tokens of a Gaussian smoothing of the weig
 W_MDI = 0.0  # weight of the group-relative MDI reward (more attention to the image than the group); 0 = off
 
 # ── Optimisation ──────────────────────────────────────────────────────────────────────────────────
-TOTAL_STEPS = 100  # training steps (one rollout batch each)
+TOTAL_STEPS = 200  # training steps (one rollout batch each)
 LEARNING_RATE = 5e-4  # AdamW peak; the tiny model wants ~5e-4, a 3B model ~1e-6
 LR_SCHEDULE = "cosine"  # "constant" | "cosine" (from LEARNING_RATE at step 1 down to 0 after TOTAL_STEPS)
 WEIGHT_DECAY = 0.0  # AdamW weight decay
