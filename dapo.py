@@ -281,9 +281,10 @@ def main(argv=None):
                                       cfg["USE_TOKEN_WEIGHTS"] or bool(reward_weights["mdi"])):
                 logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)
                 logp_old, masses = logp_old if image_id is not None else (logp_old, None)
-            attention, vgr, attention_log = attention_summary(masses, batch.prompt_inputs, batch.completion_mask,
-                                                              image_id, cfg["ATTENTION_EXCLUDE_SINK"],
-                                                              cfg["VGR_LAYERS"], pool)
+            summarise = lambda masses: attention_summary(  # noqa: E731  (π_old's masses, or the update's below)
+                masses, batch.prompt_inputs, batch.completion_mask, image_id, cfg["ATTENTION_EXCLUDE_SINK"],
+                cfg["VGR_LAYERS"], pool)
+            attention, vgr, attention_log = summarise(masses)
             ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
             logprob_s = time.time() - t_lp
 
@@ -316,9 +317,7 @@ def main(argv=None):
             update_s = time.time() - t_up
             if logp_old is None:  # π_old and the masses came from the update
                 logp_old, masses = stats.pop("logp_old"), stats.pop("attention_masses", None)
-                attention, vgr, attention_log = attention_summary(
-                    masses, batch.prompt_inputs, batch.completion_mask, image_id, cfg["ATTENTION_EXCLUDE_SINK"],
-                    cfg["VGR_LAYERS"], pool)
+                attention, vgr, attention_log = summarise(masses)
             metrics.update(attention_log)
             metrics.update({f"policy/{k}": v for k, v in stats.items()})
             metrics["policy/advantage_abs_mean"] = pool(advantages.abs()).mean().item()

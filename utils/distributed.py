@@ -331,7 +331,7 @@ def equal_passes(n_rows, micro_batch_size):
 
 def grad_norm_value(norm):
     """clip_grad_norm_'s result as a float; on sharded parameters it is a DTensor over the whole model."""
-    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+    return full_tensor(norm).item()
 
 
 def gather_full_state_dict(model, to_all_ranks=False):
