@@ -21,40 +21,19 @@ sampling, the replay buffer, the MDI reward) need GROUP_SIZE ≥ 2; SCALE_ADVANT
 advantages are whitened instead). Run `python ppo.py` (or override constants: `python ppo.py --TOTAL_STEPS=10`).
 """
 
-import os
-import sys
-import time
-
 import torch
-from tqdm import tqdm
 
 from data import PromptSampler, load_datasets
-from utils.attention import attention_summary, mdi_reward, token_weight_metrics, token_weights
-from utils.checkpoint import (PreemptionGuard, checkpoint_step, find_resume_checkpoint, load_checkpoint,
-                              resumed_config, run_dir_of, save_checkpoint)
-from utils.config import apply_overrides, check_values, constants_of, format_config, run_cli
-from utils.critic import Critic
-from utils.distributed import init_distributed, rank_rows, shard_critic, shard_model
-from utils.evaluate import evaluate
+from utils.attention import add_mdi_reward, attention_summary, token_weight_metrics, token_weights
+from utils.config import constants_of, run_cli
+from utils.critic import build_critic
+from utils.distributed import rank_rows
 from utils.logprobs import batched_logprobs
-from utils.model import (
-    EMBEDDED_MODEL,
-    load_processor,
-    load_reference_model,
-    load_trainable_model,
-    make_rollout_model,
-    resolve_devices,
-    suppressed_token_ids,
-    sync_rollout_model,
-)
-from utils.rewards import reward_weights_at, score_completions
-from utils.rl import explained_variance, gae, overlong_loss_mask, token_rewards, whiten
-from utils.rollout import ReplayBuffer, concat_rollouts, generate, sample_step
-from utils.precision import inference_dtype, resolve_precision
-from utils.runlog import SHOWN_METRICS, comparison_run, open_run_log, perf_metrics, rollout_metrics
-from utils.tiny_vlm import ensure_tiny_vlm
-from utils.trackers import make_tracker
-from utils.update import learning_rate_at, policy_update
+from utils.model import sync_rollout_model
+from utils.rl import explained_variance, gae, loss_tokens, token_rewards, whiten
+from utils.rollout import ReplayBuffer, sample_and_score, sample_step
+from utils.trainer import StepTimer, load_models, start_run, trainable
+from utils.update import Targets, policy_update, set_learning_rate
 
 # ── Model and devices ─────────────────────────────────────────────────────────────────────────────
 MODEL_NAME_OR_PATH = "embedded-tiny-vlm"  # Qwen2-VL / Qwen2.5-VL hub name or folder, or the built-in tiny VLM
@@ -105,6 +84,7 @@ REWARD_SWITCH_STEP = 0  # two-stage rewards: steps 1..N use REWARD_WEIGHTS_EARLY
 REWARD_WEIGHTS_EARLY = {"accuracy": 1.0, "format": 2.0}  # first-stage weights by reward ("accuracy", "format", "mdi")
 
 # ── Algorithm ─────────────────────────────────────────────────────────────────────────────────────
+POLICY_LOSS = "clip"  # "clip": the clipped surrogate of PPO / GRPO / DAPO (utils/rl.py POLICY_LOSSES)
 LOSS_AGGREGATION = "token"  # "token" (DAPO: mean over all tokens) | "sample" (GRPO: mean of sequence means)
 CLIP_EPS_LOW = 0.2  # ratio lower clip: 1 - CLIP_EPS_LOW
 CLIP_EPS_HIGH = 0.2  # ratio upper clip: 1 + CLIP_EPS_HIGH (DAPO's Clip-Higher)
@@ -153,7 +133,7 @@ MAX_GRAD_NORM = 1.0  # gradient clipping
 
 # ── Evaluation, logging, checkpoints ──────────────────────────────────────────────────────────────
 EVAL_EVERY = 20  # steps between held-out evaluations (also at step 0 and at the end)
-SAVE_EVERY = 10  # steps between checkpoints; 0 = only at the end (README: "Checkpoints and resuming")
+SAVE_EVERY = 10  # steps between checkpoints; 0 = only at the end (docs/run_folder.md)
 KEEP_CHECKPOINTS = 2  # newest checkpoints kept, older ones deleted (the final one is the newest); 0 = keep all
 LOG_EVERY = 10  # steps between entries of rollout_results.md, attention_diagnostics.md, token_weights.md
 LOG_SAMPLES = 2  # completions shown in full per log entry
@@ -166,219 +146,86 @@ RESUME_OVERRIDES = ""  # on resume: comma-separated math constants allowed to ch
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = apply_overrides(constants_of(globals()), argv)
-    algo = os.path.splitext(os.path.basename(__file__))[0]
-    resume = find_resume_checkpoint(cfg["RESUME"], cfg["RUNS_DIR"], algo)  # None: a new run
-    start = checkpoint_step(resume) if resume else 0  # the step the run continues after
-    if resume:
-        cfg = resumed_config(resume, cfg, argv)  # the run's saved config + the constants allowed to change
-    check_values(cfg, min_group_size=1)  # the critic is the baseline: one completion per prompt is enough
-    if start >= cfg["TOTAL_STEPS"]:
-        print(f"{resume}: the run is finished (TOTAL_STEPS={cfg['TOTAL_STEPS']}); nothing to train")
-        return run_dir_of(resume)
-    world = init_distributed()  # under torchrun: this process's rank (README: "Scaling out"); else one process
-    run = open_run_log(cfg["RUNS_DIR"], algo, cfg, __file__, (run_dir_of(resume), start) if resume else None)
-    tracker = make_tracker(cfg["REPORT_TO"], run.dir, cfg)
-    log = run.print
-    log(f"run folder: {run.dir}\nconfig:\n{format_config(cfg)}")
-    torch.manual_seed(cfg["SEED"] + world.rank)  # each rank samples its own completions
-    if cfg["CPU_THREADS"]:
-        torch.set_num_threads(cfg["CPU_THREADS"])
+    run = start_run(__file__, constants_of(globals()), argv)  # checked constants, resume point, run folder, seeds
+    if run.finished:
+        return run.dir
+    s = run.specs  # the constants above, grouped and checked (utils/specs.py); s.critic: the "Critic" block
+    models = load_models(s, run, reference=s.critic.kl_coef > 0 or s.loss.kl_beta > 0)  # no KL: no reference
+    critic = build_critic(s, models)  # a value head on the policy's backbone, or on a separate copy of the model
+    in_policy = {id(p) for p in trainable(models.policy)}  # a shared backbone is trained once, with the policy
+    optimizer = torch.optim.AdamW(
+        [{"params": trainable(models.policy), "base_lr": s.optim.learning_rate},
+         {"params": [p for p in trainable(critic) if id(p) not in in_policy], "base_lr": s.critic.learning_rate}],
+        lr=s.optim.learning_rate, weight_decay=s.optim.weight_decay)
+    run.print(f"critic: {'value head on the policy' if s.critic.shared_backbone else 'separate copy'}, "
+              f"{sum(p.numel() for g in optimizer.param_groups for p in g['params']) / 1e6:.2f}M trained parameters")
+    train_data, eval_data = load_datasets(s.data, s.model.seed, models.processor, run.print, run.warn)
+    prompts = PromptSampler(train_data, s.model.seed, models.processor, warn=run.warn)  # skips rows that fail
+    replay = ReplayBuffer.of(s.rollout)  # None when REPLAY_BUFFER_SIZE = 0 (it needs GROUP_SIZE >= 2)
+    run.begin(models, optimizer, prompts, eval_data, replay, critic)  # resume, or evaluate at step 0
+    micro = s.optim.micro_batch_size
 
-    # ── Model, reference, rollout copy ──
-    policy_device, rollout_device = resolve_devices(cfg["POLICY_DEVICE"], cfg["ROLLOUT_DEVICE"])
-    precision = resolve_precision(cfg["PRECISION"], policy_device)  # fp32 master weights; bf16 compute if mixed
-    path = cfg["MODEL_NAME_OR_PATH"]
-    if path == EMBEDDED_MODEL:
-        path = ensure_tiny_vlm(cfg["MODEL_CACHE_DIR"], log)
-    processor = load_processor(path, cfg["TRUST_REMOTE_CODE"], cfg["MIN_PIXELS"], cfg["MAX_PIXELS"])
-    policy = load_trainable_model(resume or path, policy_device, cfg["TRUST_REMOTE_CODE"],  # resume: its weights
-                                  cfg["GRADIENT_CHECKPOINTING"], cfg["FREEZE_VISION_TOWER"])
-    rollout_model = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 copy if mixed
-    policy = shard_model(policy, precision)  # torchrun: FSDP2 shards (fp32 master weights); one process: as it is
-    reference = None
-    if cfg["KL_COEF"] > 0 or cfg["KL_BETA"] > 0:  # no KL at all: no reference model
-        reference = load_reference_model(path, rollout_device, inference_dtype(precision), cfg["TRUST_REMOTE_CODE"])
-    if cfg["CRITIC_SHARED_BACKBONE"]:
-        backbone = policy.model
-    else:  # a separate copy of the starting model, without its language-model head
-        backbone = load_trainable_model(path, policy_device, cfg["TRUST_REMOTE_CODE"], cfg["GRADIENT_CHECKPOINTING"],
-                                        cfg["FREEZE_VISION_TOWER"]).model
-    critic = Critic(backbone, policy.config.text_config.hidden_size).to(policy_device).train()
-    critic = shard_critic(critic, policy, precision)  # torchrun: its head (and a separate backbone) sharded
-    policy_params = [p for p in policy.parameters() if p.requires_grad]
-    in_policy = {id(p) for p in policy_params}  # a shared backbone is trained once, with the policy
-    critic_params = [p for p in critic.parameters() if p.requires_grad and id(p) not in in_policy]
-    optimizer = torch.optim.AdamW([{"params": policy_params, "base_lr": cfg["LEARNING_RATE"]},
-                                   {"params": critic_params, "base_lr": cfg["CRITIC_LEARNING_RATE"]}],
-                                  lr=cfg["LEARNING_RATE"], weight_decay=cfg["WEIGHT_DECAY"])
-    suppress = suppressed_token_ids(processor.tokenizer)
-    image_id = policy.config.image_token_id if cfg["ATTENTION_METRICS"] else None  # None: no attention metrics
-    log(f"policy on {policy_device} in {precision}, generation by "
-        f"{'the policy' if rollout_model is policy else f'a {inference_dtype(precision)} copy on {rollout_device}'}, "
-        f"reference: {'yes' if reference else 'none'}, "
-        f"critic: {'value head on the policy' if cfg['CRITIC_SHARED_BACKBONE'] else 'separate copy'}, "
-        f"{sum(p.numel() for p in policy_params + critic_params) / 1e6:.2f}M trained parameters")
-
-    # ── Data ──
-    train_data, eval_data = load_datasets(
-        cfg["DATASET"], cfg["EVAL_DATASET"], cfg["TRAIN_SPLIT"], cfg["EVAL_SPLIT"], cfg["TRAIN_SIZE"],
-        cfg["EVAL_SAMPLES"], seed=cfg["SEED"], kinds=cfg["QUESTION_KINDS"], image_size=cfg["IMAGE_SIZE"],
-        max_objects=cfg["MAX_OBJECTS"], shuffle_options=cfg["SHUFFLE_OPTIONS"], log=log,
-        keys={"image": cfg["IMAGE_KEY"], "problem": cfg["PROBLEM_KEY"], "solution": cfg["ANSWER_KEY"]},
-        system_prompt=cfg["SYSTEM_PROMPT"], processor=processor, max_prompt_tokens=cfg["MAX_PROMPT_TOKENS"],
-        warn=run.warn,
-    )
-    prompts = PromptSampler(train_data, cfg["SEED"], processor, warn=run.warn)  # skips rows that fail on use
-    G = cfg["GROUP_SIZE"]
-    sampling_mode = cfg["DYNAMIC_SAMPLING_MODE"] if cfg["DYNAMIC_SAMPLING"] else "all"
-    replay = None
-    if cfg["REPLAY_BUFFER_SIZE"]:
-        replay = ReplayBuffer(cfg["REPLAY_BUFFER_SIZE"], cfg["REPLAY_MIN_REWARD_STD"], cfg["REPLAY_MAX_SUCCESS_RATE"])
-    regular_weights = {"accuracy": cfg["W_ACCURACY"], "format": cfg["W_FORMAT"], "mdi": cfg["W_MDI"]}
-
-    def sample_and_score(examples, n, weights):
-        """n completions for each example, with every reward component."""
-        rollout = generate(rollout_model, processor, examples, n, cfg["MAX_NEW_TOKENS"], cfg["TEMPERATURE"],
-                           cfg["TOP_P"], suppress_ids=suppress, batch_size=cfg["GENERATION_BATCH_SIZE"],
-                           desc="generate")
-        rewards = score_completions(
-            rollout.texts, [ex["solution"] for ex in rollout.examples], rollout.completion_mask.sum(1).tolist(),
-            weights, cfg["MAX_NEW_TOKENS"], cfg["OVERLONG_BUFFER"], cfg["SOFT_OVERLONG_PUNISHMENT"],
-            cfg["NEGATIVE_ACCURACY_REWARD"],
-        )
-        rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
-        return rollout
-
-    def run_eval():
-        return evaluate(rollout_model, processor, eval_data, cfg["EVAL_SAMPLES"], cfg["MAX_NEW_TOKENS"],
-                        cfg["GENERATION_BATCH_SIZE"], suppress)
-
-    if resume:  # optimizer, data position, replay buffer, RNGs: the run goes on as if never stopped
-        load_checkpoint(resume, policy, optimizer, prompts, replay, critic)
-        log(f"resumed from {resume}: step {start} of {cfg['TOTAL_STEPS']}")
-    else:
-        eval_metrics = run_eval()
-        log("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in eval_metrics.items()))
-        run.log_metrics({"step": 0, **eval_metrics})
-        tracker.log(eval_metrics, 0)
-    pad_id = processor.tokenizer.pad_token_id
-    stop = PreemptionGuard(run.warn)  # SIGTERM / Ctrl-C: checkpoint after this step, then exit
-
-    for step in tqdm(range(start + 1, cfg["TOTAL_STEPS"] + 1), initial=start, total=cfg["TOTAL_STEPS"], desc=algo,
-                     dynamic_ncols=True, disable=not world.is_main):
-        t0 = time.time()
-        lr = learning_rate_at(step, cfg["TOTAL_STEPS"], cfg["LEARNING_RATE"], cfg["LR_SCHEDULE"])
-        for group in optimizer.param_groups:  # the policy's and the critic's, each on its own schedule
-            group["lr"] = learning_rate_at(step, cfg["TOTAL_STEPS"], group["base_lr"], cfg["LR_SCHEDULE"])
+    for step in run.steps():
+        timer = StepTimer()
+        lr = set_learning_rate(optimizer, step, s.optim)  # the policy's and the critic's, each from its base_lr
         # ── 1. Sample and score (as grpo.py; dynamic sampling and replay only with GROUP_SIZE >= 2) ──
-        reward_weights = reward_weights_at(step, cfg["REWARD_SWITCH_STEP"], cfg["REWARD_WEIGHTS_EARLY"],
-                                           regular_weights)
-        everything, train_groups, padding, sampling = sample_step(
-            lambda examples, n: sample_and_score(examples, n, reward_weights), prompts.next,
-            cfg["TRAIN_BATCH_PROMPTS"], G, pad_id, sampling_mode, cfg["MAX_GEN_BATCHES"], cfg["MAX_DYNAMIC_SAMPLES"],
-            replay,
-        )
-        group_sizes = [len(g) for g in train_groups]
-        generate_s, logprob_s, update_s = time.time() - t0, 0.0, 0.0
-        metrics = {"step": step, "policy/lr": lr, **rollout_metrics(everything), **sampling}
-        # What the logs show if there is no update:
-        batch, advantages, attention, vgr, weights = everything, torch.zeros(len(everything)), None, None, None
-        if not sampling["dapo/train_groups"]:  # (the count of every rank)
-            run.warn(f"step {step}: no informative group sampled; no update this step")
-        else:
-            batch = concat_rollouts(train_groups, pad_id)
-            pool = rank_rows(padding)  # the batch's statistics run over the rows of every rank (torchrun)
+        reward_weights = s.rewards.at(step)  # two-stage rewards: REWARD_WEIGHTS_EARLY until REWARD_SWITCH_STEP
+        sample = lambda examples, n: sample_and_score(models, examples, n, s, reward_weights)  # noqa: E731
+        everything, batch, padding, sampling = sample_step(sample, prompts.next, s.rollout, models.pad_id, replay,
+                                                           run.warn)  # batch: the groups to train on, or None
+        metrics, logged = {"step": step, "policy/lr": lr, **sampling}, None
+        timer.lap("generate")
+        if batch is not None:
+            pool = rank_rows(padding)  # statistics over the rows of every rank (torchrun)
+            valid = batch.completion_mask.bool()  # [B, L]
 
-            # ── 2. Log-probs of the rollout policy (π_old) and of the reference (attention masses on the way);
-            #       the critic's values V_old ──
-            t_lp = time.time()
-            lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, cfg["MICRO_BATCH_SIZE"],
-                       cfg["TEMPERATURE"])
-            logp_old = batched_logprobs(rollout_model, *lp_args, image_token_id=image_id)  # [B, L]
-            logp_old, masses = logp_old if image_id is not None else (logp_old, None)  # masses: [layers, B, L, 4]
+            # ── 2. π_old and the reference's log-probs (the attention masses on the way); the critic's V_old ──
+            logp_old, masses = batched_logprobs(models.rollout, batch, micro, models.passes)  # [B, L]
             attention, vgr, attention_log = attention_summary(masses, batch.prompt_inputs, batch.completion_mask,
-                                                              image_id, cfg["ATTENTION_EXCLUDE_SINK"],
-                                                              cfg["VGR_LAYERS"], pool)
+                                                              models.image_token_id, s.attention.exclude_sink,
+                                                              s.attention.vgr_layers, pool)
             metrics.update(attention_log)
-            ref_logp = batched_logprobs(reference, *lp_args) if reference is not None else None
-            values_old = critic.batched(*lp_args[:4], precision)  # [B, L]
-            logprob_s = time.time() - t_lp
+            ref_logp = batched_logprobs(models.reference, batch, micro, models.passes, record=False)[0]
+            values_old = critic.batched(batch, micro, models.precision)  # [B, L]
+            timer.lap("logprob")
 
             # ── 3. Token rewards (outcome on the last token − KL penalty), GAE, whitened advantages ──
-            if reward_weights["mdi"]:
-                batch.rewards["mdi"] = mdi_reward(attention["all"]["mdi"], group_sizes)
-                batch.rewards["total"] = batch.rewards["total"] + reward_weights["mdi"] * batch.rewards["mdi"]
-                metrics["reward/mdi/mean"] = pool(batch.rewards["mdi"]).mean().item()
-            loss_mask = batch.completion_mask.float()  # [B, L]
-            if cfg["OVERLONG_FILTERING"]:
-                loss_mask = overlong_loss_mask(loss_mask, batch.truncated)
+            metrics.update(add_mdi_reward(batch, attention, reward_weights["mdi"], pool))  # W_MDI (0: off)
+            loss_mask = loss_tokens(batch, s.loss.overlong_filtering)  # [B, L]
             rewards = token_rewards(batch.rewards["total"], logp_old, ref_logp, batch.completion_mask,
-                                    cfg["KL_COEF"])  # [B, L]
-            advantages, returns = gae(rewards, values_old, batch.completion_mask, cfg["GAMMA"], cfg["LAMBDA"])
+                                    s.critic.kl_coef)  # [B, L]
+            advantages, returns = gae(rewards, values_old, batch.completion_mask, s.critic.gamma, s.critic.lam)
             advantages = whiten(advantages, loss_mask, pool=pool)  # [B, L], over the global batch
-            valid = batch.completion_mask.bool()
             metrics.update({
                 "critic/values/mean": pool(values_old[valid]).mean().item(),
                 "critic/returns/mean": pool(returns[valid]).mean().item(),
-                "critic/explained_variance": explained_variance(values_old, returns, batch.completion_mask,
-                                                                pool=pool),
+                "critic/explained_variance": explained_variance(values_old, returns, batch.completion_mask, pool),
                 "reward/kl_penalty/mean": pool(rewards.sum(1) - batch.rewards["total"]).mean().item(),
             })
-            if cfg["USE_TOKEN_WEIGHTS"]:
-                weights = token_weights(vgr, batch.completion_mask, cfg["TOKEN_WEIGHT_MIN"], cfg["TOKEN_WEIGHT_MAX"],
-                                        cfg["TOKEN_WEIGHT_SMOOTHING"])  # [B, L], mean 1 per sequence
+            weights = None
+            if s.attention.use_token_weights:
+                weights = token_weights(vgr, batch.completion_mask, *s.attention.token_weight_settings)  # [B, L]
                 advantages = advantages * weights  # [B, L]
                 metrics.update(token_weight_metrics(weights, batch.completion_mask, pool))
 
             # ── 4. Policy and critic update (the critic alone while warming up), then refresh the generation copy ──
-            t_up = time.time()
-            train_policy = step > cfg["CRITIC_WARMUP_STEPS"]
-            stats = policy_update(
-                policy, optimizer, batch, advantages, logp_old, loss_mask, ref_logp=ref_logp,
-                clip_low=cfg["CLIP_EPS_LOW"], clip_high=cfg["CLIP_EPS_HIGH"], dual_clip=cfg["DUAL_CLIP_C"],
-                kl_beta=cfg["KL_BETA"], entropy_coef=cfg["ENTROPY_COEF"], aggregation=cfg["LOSS_AGGREGATION"],
-                epochs=cfg["PPO_EPOCHS"], mini_batches=cfg["MINI_BATCHES"], micro_batch_size=cfg["MICRO_BATCH_SIZE"],
-                max_grad_norm=cfg["MAX_GRAD_NORM"], temperature=cfg["TEMPERATURE"], precision=precision, critic=critic,
-                values_old=values_old, returns=returns, vf_coef=cfg["VF_COEF"],
-                clip_range_value=cfg["CLIP_RANGE_VALUE"], train_policy=train_policy, batch_is_padding=padding,
-                warn=run.warn,
-            )
+            train_policy = step > s.critic.warmup_steps
+            targets = Targets(advantages, loss_mask, logp_old, ref_logp, values_old, returns, padding)
+            stats = policy_update(models.policy, optimizer, batch, targets, s.loss, s.optim, models.passes, critic,
+                                  train_policy, run.warn)
             if train_policy:
-                sync_rollout_model(policy, rollout_model)
-            update_s = time.time() - t_up
-            critic_stats = {"value_loss": stats.pop("value_loss"), "value_clip_frac": stats.pop("value_clip_frac")}
+                sync_rollout_model(models.policy, models.rollout)
+            timer.lap("update")
+            critic_stats = {k: stats.pop(k) for k in ("value_loss", "value_clip_frac")}
             metrics.update({f"policy/{k}": v for k, v in stats.items()})
             metrics.update({f"critic/{k}": v for k, v in critic_stats.items()})
             metrics["critic/warmup"] = float(not train_policy)
             metrics["policy/advantage_abs_mean"] = pool(advantages[valid].abs()).mean().item()
+            logged = (batch, advantages, attention, vgr, weights)
 
         # ── 5. Log, evaluate, checkpoint ──
-        metrics.update(perf_metrics(t0, generate_s, logprob_s, update_s, everything.completion_mask.sum().item()))
-        if step % cfg["EVAL_EVERY"] == 0 or step == cfg["TOTAL_STEPS"]:
-            metrics.update(run_eval())
-        run.log_metrics(metrics)
-        tracker.log(metrics, step)
-        run.print_metrics(metrics, SHOWN_METRICS)
-        last = step == cfg["TOTAL_STEPS"]
-        if step % cfg["LOG_EVERY"] == 0 or last:
-            run.log_samples(step, batch, advantages, processor.tokenizer, cfg["LOG_SAMPLES"], attention, vgr, weights)
-        if (cfg["PLOT_EVERY"] and step % cfg["PLOT_EVERY"] == 0) or last:
-            compare = comparison_run(cfg["RUNS_DIR"], algo, cfg["COMPARE_WITH"])
-            log(f"plots: {', '.join(run.plot(compare))}")
-        stopped = stop.requested() and not last
-        if (cfg["SAVE_EVERY"] and step % cfg["SAVE_EVERY"] == 0) or last or stopped:
-            saved = save_checkpoint(run.dir, step, policy, processor, cfg, optimizer, prompts, replay, critic,
-                                    keep=cfg["KEEP_CHECKPOINTS"])
-            log(f"checkpoint: {saved}")
-        if stopped:
-            log(f"stopped by {stop.signal_name} after step {step}; continue with --RESUME={run.dir}")
-            tracker.close()
-            return run.dir
-    tracker.close()
-    log(f"done: {run.dir}")
-    return run.dir
+        run.end_step(metrics, timer, everything, logged)
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from utils.config import check_values
-from utils.rewards import (accuracy_reward, extract_answer, format_reward, reward_weights_at, score_completions,
-                           soft_overlong_punishment)
-from utils.rl import aggregate, clipped_surrogate, group_advantages, is_informative, k3_kl, overlong_loss_mask
+from data.answers import extract_answer
+from utils.config import UserError
+from utils.rewards import accuracy_reward, format_reward, score_completions, soft_overlong_punishment
+from utils.rl import (aggregate, clipped_surrogate, group_advantages, is_informative, k3_kl, loss_tokens,
+                      overlong_loss_mask, policy_loss)
 from utils.rollout import ReplayBuffer, Rollout, collect_groups, sample_step
-from utils.update import learning_rate_at
+from utils.update import learning_rate_at, set_learning_rate
 
 
 def test_group_advantages_by_hand():
@@ -37,13 +38,13 @@ def test_group_advantages_by_hand():
         (1.1, 1.0, -1.1, False, False),  # inside the trust region
     ],
 )
-def test_clipped_surrogate_both_sides(ratio, advantage, loss, low, high):
+def test_clipped_surrogate_both_sides(specs, ratio, advantage, loss, low, high):
     logp_old = torch.tensor([[-1.0]])
     logp = logp_old + math.log(ratio)
-    out, clipped_low, clipped_high, clipped_dual = clipped_surrogate(logp, logp_old, torch.tensor([[advantage]]),
-                                                                     0.2, 0.28)
+    out, flags = clipped_surrogate(logp, logp_old, torch.tensor([[advantage]]), specs.loss)  # DAPO: 0.2 / 0.28
     assert out.item() == pytest.approx(loss, abs=1e-6)
-    assert clipped_low.item() == low and clipped_high.item() == high and not clipped_dual.item()
+    assert flags["clip_frac_low"].item() == low and flags["clip_frac_high"].item() == high
+    assert not flags["clip_frac_dual"].item()
 
 
 @pytest.mark.parametrize(
@@ -55,25 +56,43 @@ def test_clipped_surrogate_both_sides(ratio, advantage, loss, low, high):
         (5.0, 1.0, -1.28, False),  # A > 0: dual clip does not apply (Clip-Higher does)
     ],
 )
-def test_dual_clip(ratio, advantage, loss, dual):
+def test_dual_clip(make_specs, ratio, advantage, loss, dual):
     logp_old = torch.tensor([[-2.0]])
     logp = (logp_old + math.log(ratio)).requires_grad_(True)
-    out, _, _, clipped_dual = clipped_surrogate(logp, logp_old, torch.tensor([[advantage]]), 0.2, 0.28, dual_clip=3.0)
-    assert out.item() == pytest.approx(loss, abs=1e-5) and clipped_dual.item() == dual
+    out, flags = clipped_surrogate(logp, logp_old, torch.tensor([[advantage]]), make_specs(DUAL_CLIP_C=3.0).loss)
+    assert out.item() == pytest.approx(loss, abs=1e-5) and flags["clip_frac_dual"].item() == dual
     out.sum().backward()
     assert (logp.grad.abs().item() == 0) == (dual or advantage > 0)  # clipped tokens carry no gradient
     # Off (c = 0), a bad token's loss grows with its ratio.
-    plain, *_ = clipped_surrogate(logp.detach(), logp_old, torch.tensor([[advantage]]), 0.2, 0.28)
+    plain, _ = clipped_surrogate(logp.detach(), logp_old, torch.tensor([[advantage]]), make_specs().loss)
     assert plain.item() == pytest.approx(-ratio * advantage if advantage < 0 else loss, abs=1e-5)
 
 
-def test_clip_higher_differs_from_symmetric_clip():
+def test_clip_higher_differs_from_symmetric_clip(make_specs):
     logp_old = torch.tensor([[0.0]])
     logp = torch.tensor([[math.log(1.25)]])
-    grpo, _, high_grpo, _ = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), 0.2, 0.2)
-    dapo, _, high_dapo, _ = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), 0.2, 0.28)
-    assert grpo.item() == pytest.approx(-1.2) and high_grpo.item()
-    assert dapo.item() == pytest.approx(-1.25) and not high_dapo.item()
+    grpo, grpo_flags = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), make_specs("grpo").loss)
+    dapo, dapo_flags = clipped_surrogate(logp, logp_old, torch.tensor([[1.0]]), make_specs("dapo").loss)
+    assert grpo.item() == pytest.approx(-1.2) and grpo_flags["clip_frac_high"].item()
+    assert dapo.item() == pytest.approx(-1.25) and not dapo_flags["clip_frac_high"].item()
+
+
+def test_policy_loss_adds_kl_and_entropy_and_sums_its_statistics(make_specs):
+    """policy_loss = aggregate(clip term + β·k3 − c·entropy); statistics are sums over the mask's tokens."""
+    loss = make_specs(KL_BETA=0.5, ENTROPY_COEF=0.1, LOSS_AGGREGATION="token").loss
+    logp_old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[1.5, 1.0, 0.5], [1.1, 1.0, 1.0]]))
+    advantages, ref = torch.tensor([[1.0], [-1.0]]), torch.full((2, 3), -0.1)
+    entropy, mask = torch.full((2, 3), 2.0), torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    value, stats = policy_loss(logp, logp_old, advantages, mask, loss, (10, 2), ref, entropy)
+    clip, _ = clipped_surrogate(logp, logp_old, advantages, loss)
+    expected = ((clip + 0.5 * k3_kl(logp, ref) - 0.1 * entropy) * mask).sum() / 10  # 10: the mini-batch's tokens
+    assert value.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert stats["clip_frac_high"] == 1.0  # ratio 1.5 > 1.28 with A > 0
+    assert stats["clip_frac_low"] == 0.0  # ratio 0.5 < 0.8, but with A > 0 nothing is clipped below
+    assert stats["kl"] == pytest.approx((k3_kl(logp, ref) * mask).sum().item(), abs=1e-6)
+    without, stats_without = policy_loss(logp, logp_old, advantages, mask, make_specs().loss, (10, 2))
+    assert stats_without["kl"] == 0.0 and without.item() == pytest.approx((clip * mask).sum().item() / 10, abs=1e-6)
 
 
 def test_aggregations_by_hand():
@@ -112,63 +131,72 @@ def test_overlong_mask():
     mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
     out = overlong_loss_mask(mask, torch.tensor([False, True]))
     assert out.tolist() == [[1, 1, 0], [0, 0, 0]]
+    batch = _rollout(torch.zeros(2), ["q", "q"])
+    batch.completion_mask, batch.truncated = mask.long(), torch.tensor([False, True])
+    assert loss_tokens(batch, overlong_filtering=True).tolist() == [[1, 1, 0], [0, 0, 0]]
+    assert loss_tokens(batch, overlong_filtering=False).tolist() == mask.tolist()
 
 
-def test_rewards_by_hand():
+def test_rewards_by_hand(make_specs):
     good = "<think>the shapes are red</think>Answer: B"
     assert extract_answer(good) == "B" and extract_answer("<answer> C </answer>") == "C"
     assert extract_answer("no answer here") is None
     assert accuracy_reward(good, "B") == 1.0 and accuracy_reward(good, "C") == 0.0
-    assert accuracy_reward(good, "C", negative=True) == -1.0
     assert format_reward(good) == 1.0
     assert format_reward("Answer: B") == 0.0
     assert format_reward("<think>a<think>b</think>Answer: B") == 0.0
-    scores = score_completions([good, "Answer: C"], ["B", "B"], [18, 20], {"accuracy": 3.0, "format": 1.0},
-                               max_length=20, overlong_buffer=5)
+    spec = make_specs(MAX_NEW_TOKENS=20, OVERLONG_BUFFER=5).rewards
+    scores = score_completions([good, "Answer: C"], ["B", "B"], [18, 20], {"accuracy": 3.0, "format": 1.0}, spec,
+                               max_length=20)
     assert scores["accuracy"] == [1.0, 0.0] and scores["format"] == [1.0, 0.0]
     assert scores["overlong"] == pytest.approx([-0.6, -1.0])
     assert scores["total"] == pytest.approx([3.4, -1.0])
     # The DAPO paper's rule-based reward: +1 right, -1 wrong.
     signed = score_completions([good, "Answer: C"], ["B", "B"], [5, 5], {"accuracy": 1.0, "format": 0.0},
-                               max_length=20, overlong_buffer=5, negative_accuracy=True)
+                               make_specs(NEGATIVE_ACCURACY_REWARD=True).rewards, max_length=20)
     assert signed["accuracy"] == [1.0, -1.0] and signed["total"] == [1.0, -1.0]
+    off = score_completions([good], ["B"], [20], {"accuracy": 1.0, "format": 0.0},
+                            make_specs(SOFT_OVERLONG_PUNISHMENT=False).rewards, max_length=20)
+    assert off["overlong"] == [0.0] and off["total"] == [1.0]
+    assert list(scores) == ["accuracy", "format", "overlong", "total"]  # every reward of REWARDS, then the shaping
 
 
-def test_two_stage_reward_weights_switch_at_the_step():
-    regular, early = {"accuracy": 3.0, "format": 1.0, "mdi": 0.0}, {"format": 2.0, "mdi": 0.1}
+def test_two_stage_reward_weights_switch_at_the_step(make_specs):
+    early = {"format": 2.0, "mdi": 0.1}
+    rewards = make_specs(REWARD_SWITCH_STEP=3, REWARD_WEIGHTS_EARLY=early).rewards
+    regular = {"accuracy": 3.0, "format": 1.0, "mdi": 0.0}  # dapo.py's W_ACCURACY, W_FORMAT, W_MDI
     first = {"accuracy": 3.0, "format": 2.0, "mdi": 0.1}  # early entries override, missing ones stay regular
-    assert [reward_weights_at(step, 3, early, regular) for step in (1, 3, 4, 50)] == [first, first, regular, regular]
-    assert reward_weights_at(1, 0, early, regular) == regular  # switch step 0: one stage
-    with pytest.raises(ValueError, match="unknown reward fmt"):
-        check_values({"REWARD_WEIGHTS_EARLY": {"fmt": 1.0}, "REWARD_SWITCH_STEP": 5})
+    assert [rewards.at(step) for step in (1, 3, 4, 50)] == [first, first, regular, regular]
+    assert make_specs(REWARD_WEIGHTS_EARLY=early).rewards.at(1) == regular  # switch step 0: one stage
+    with pytest.raises(UserError, match="unknown reward fmt"):
+        make_specs(REWARD_WEIGHTS_EARLY={"fmt": 1.0}, REWARD_SWITCH_STEP=5)
 
 
-def _toy_policy_loss(weight, features, tokens, logp_old, advantages, mask, rows, level, total_tokens, total_seqs):
+def _toy_policy_loss(weight, features, tokens, logp_old, advantages, mask, rows, loss, totals):
     """A linear 'policy' over a 5-token vocabulary, so that gradients are cheap and exact."""
     logits = features[rows] @ weight  # [b, L, V]
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
-    per_token, *_ = clipped_surrogate(logp, logp_old[rows], advantages[rows].unsqueeze(1), 0.2, 0.28)
-    return aggregate(per_token, mask[rows], level, total_tokens, total_seqs)
+    value, _ = policy_loss(logp, logp_old[rows], advantages[rows].unsqueeze(1), mask[rows], loss, totals)
+    return value
 
 
 @pytest.mark.parametrize("level", ["token", "sample"])
-def test_loss_and_gradient_do_not_depend_on_micro_batches(level):
+def test_loss_and_gradient_do_not_depend_on_micro_batches(make_specs, level):
     torch.manual_seed(0)
     B, L, D, V = 6, 7, 4, 5
     features, tokens = torch.randn(B, L, D), torch.randint(0, V, (B, L))
     logp_old, advantages = -torch.rand(B, L) * 2, torch.randn(B)
     lengths = torch.tensor([7, 2, 5, 1, 6, 3])
     mask = (torch.arange(L) < lengths.unsqueeze(1)).float()  # sequences of very different lengths
-    total_tokens, total_seqs = int(mask.sum()), B
+    totals, loss = (int(mask.sum()), B), make_specs(LOSS_AGGREGATION=level).loss
 
     def loss_and_grad(splits):
         weight = torch.randn(D, V, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
         total = 0.0
         for rows in splits:
-            loss = _toy_policy_loss(weight, features, tokens, logp_old, advantages, mask, rows, level,
-                                    total_tokens, total_seqs)
-            loss.backward()
-            total += loss.item()
+            value = _toy_policy_loss(weight, features, tokens, logp_old, advantages, mask, rows, loss, totals)
+            value.backward()
+            total += value.item()
         return total, weight.grad
 
     full_loss, full_grad = loss_and_grad([list(range(B))])
@@ -193,6 +221,14 @@ def test_learning_rate_schedules():
     assert learning_rate_at(10, 10, 1e-3, "cosine") == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.9)))
     with pytest.raises(ValueError, match="LR_SCHEDULE"):
         learning_rate_at(1, 10, 1e-3, "linear")
+
+
+def test_set_learning_rate_follows_each_group_base(make_specs):
+    optim = make_specs(LEARNING_RATE=1e-3, LR_SCHEDULE="cosine", TOTAL_STEPS=10).optim
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.AdamW([{"params": weights[:1]}, {"params": weights[1:], "base_lr": 1e-2}], lr=1e-3)
+    assert set_learning_rate(optimizer, 6, optim) == pytest.approx(0.5e-3)  # LEARNING_RATE's schedule
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.5e-2)  # the group's own base_lr (PPO's critic)
 
 
 def _fake_sampler(rounds_of_accuracy):
@@ -283,18 +319,27 @@ def test_replay_buffer_swaps_flat_groups_and_never_grows_past_its_size():
 
 
 
-def test_sample_step_metrics_with_topup_and_replay():
+def test_sample_step_metrics_with_topup_and_replay(make_specs):
     buffer = ReplayBuffer(size=4, min_reward_std=0.5, max_success_rate=1.0)
+    rollout = make_specs(TRAIN_BATCH_PROMPTS=2, GROUP_SIZE=2, DYNAMIC_SAMPLING_MODE="topup", MAX_GEN_BATCHES=1,
+                         MAX_DYNAMIC_SAMPLES=3).rollout
     # Step 1: groups [1, 1] (flat), [0, 1]; one top-up round adds a 0 to the first: [1, 1, 0] is informative.
     sample, draw, _ = _fake_sampler([[1, 1, 0, 1], [0]])
-    everything, groups, padding, metrics = sample_step(sample, draw, 2, 2, 0, "topup", 1, 3, replay=buffer)
-    assert [len(g) for g in groups] == [3, 2] and len(everything) == 5 and not padding
-    assert metrics == {"dapo/gen_batches": 2, "dapo/kept_group_frac": 1.0, "dapo/flat_group_frac": 0.0,
-                       "dapo/topup_samples": 1, "dapo/replayed_groups": 0, "dapo/replay_buffer_size": 2,
-                       "dapo/train_groups": 2}
+    everything, batch, padding, metrics = sample_step(sample, draw, rollout, 0, replay=buffer)
+    assert batch.group_sizes == [3, 2] and len(batch) == 5 and len(everything) == 5 and not padding
+    assert {k: v for k, v in metrics.items() if k.startswith("dapo/")} == {
+        "dapo/gen_batches": 2, "dapo/kept_group_frac": 1.0, "dapo/flat_group_frac": 0.0, "dapo/topup_samples": 1,
+        "dapo/replayed_groups": 0, "dapo/replay_buffer_size": 2, "dapo/train_groups": 2}
+    assert metrics["reward/accuracy/mean"] == pytest.approx(3 / 5)  # every completion sampled, flat ones too
     # Step 2: both groups stay flat at the cap; the two stored groups stand in for them.
     sample, draw, _ = _fake_sampler([[0, 0, 1, 1], [0, 1], [0, 1]])
-    everything, groups, padding, metrics = sample_step(sample, draw, 2, 2, 0, "topup", 1, 3, replay=buffer)
+    everything, batch, padding, metrics = sample_step(sample, draw, rollout, 0, replay=buffer)
     assert metrics["dapo/flat_group_frac"] == 1.0 and metrics["dapo/kept_group_frac"] == 0.0
     assert metrics["dapo/replayed_groups"] == 2 and metrics["dapo/train_groups"] == 2 and len(buffer) == 0
-    assert sorted(len(g) for g in groups) == [2, 3]  # the stored groups, with their own sizes
+    assert sorted(batch.group_sizes) == [2, 3]  # the stored groups, with their own sizes
+    # Step 3: nothing informative and nothing stored: no batch, and a warning says so.
+    sample, draw, _ = _fake_sampler([[0, 0, 1, 1], [0, 1], [0, 1]])
+    warnings = []
+    everything, batch, padding, metrics = sample_step(sample, draw, rollout, 0, replay=buffer, warn=warnings.append)
+    assert batch is None and metrics["dapo/train_groups"] == 0 and warnings == [
+        "no informative group sampled; no update this step"]

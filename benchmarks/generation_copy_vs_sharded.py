@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from data.synthetic import SyntheticVQA  # noqa: E402
 from utils.distributed import barrier, close_distributed, init_distributed, shard_model  # noqa: E402
+from utils.generation import Decoding  # noqa: E402
 from utils.model import load_model, load_processor, suppressed_token_ids  # noqa: E402
 from utils.rollout import generate  # noqa: E402
 from utils.tiny_vlm import ensure_tiny_vlm  # noqa: E402
@@ -32,13 +33,12 @@ from utils.tiny_vlm import ensure_tiny_vlm  # noqa: E402
 
 def timed(model, processor, examples, args):
     """Median seconds of `args.repeats` generate() calls (after one warm-up) and the completion tokens of one."""
-    suppress = suppressed_token_ids(processor.tokenizer)
+    decoding = Decoding(args.max_new_tokens, greedy=True, suppress_ids=suppressed_token_ids(processor.tokenizer))
     times, tokens = [], 0
     for i in range(args.repeats + 1):
         barrier()
         start = time.perf_counter()
-        rollout = generate(model, processor, examples, args.group_size, args.max_new_tokens, greedy=True,
-                           suppress_ids=suppress)
+        rollout = generate(model, processor, examples, args.group_size, decoding)
         barrier()
         if i:
             times.append(time.perf_counter() - start)

@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from attention_overhead import proc_status_kb, reset_peak_rss  # noqa: E402  (benchmarks/, the script's folder)
+from utils import layout  # noqa: E402
 from utils.logprobs import LOGITS_BUDGET_BYTES, logprobs_from_hidden  # noqa: E402
 
 SHAPE = dict(batch=8, length=4096, hidden=3584, vocab=151_936)  # Qwen2.5-VL-7B's LM head, a 4,096-token batch
@@ -44,7 +45,7 @@ SHAPE = dict(batch=8, length=4096, hidden=3584, vocab=151_936)  # Qwen2.5-VL-7B'
 
 def unchunked_logprobs(model, hidden, completion_ids, temperature=1.0):
     """logprobs_from_hidden as it was before chunking (commit 61c5216), for the "before" figure."""
-    logits = model.lm_head(hidden)[:, :-1].float() / temperature  # [b, L, V]
+    logits = layout.lm_head(model)(hidden)[:, :-1].float() / temperature  # [b, L, V]
     log_probs = torch.log_softmax(logits, -1)
     logp = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     return logp, -(log_probs.exp() * log_probs).sum(-1)

@@ -2,8 +2,9 @@
 
 (a) One full DAPO training step in bf16-mixed, made of the trainer's calls (dapo.py): the fp32 policy and its bf16
     generation copy (utils.model.make_rollout_model), utils.rollout.generate, utils.logprobs.batched_logprobs of
-    π_old with the attention bucket masses (image_token_id), utils.update.policy_update(precision="bf16-mixed")
-    with AdamW on the fp32 policy, then the copy's refresh (sync_rollout_model). Printed per part (model load:
+    π_old with the attention bucket masses (Passes.image_token_id), utils.update.policy_update (Passes precision
+    "bf16-mixed") with AdamW on the fp32 policy, then the copy's refresh (sync_rollout_model); the settings are
+    dapo.py's specs (utils/specs.py) with this script's shape. Printed per part (model load:
     fp32 policy + bf16 copy; generation; log-probs + attention; update incl. AdamW state): seconds and peak memory,
     and generated / trained tokens per second, with gradient checkpointing off and on. Each setting runs in its
     own subprocess. GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats, per part, and a sync before
@@ -31,6 +32,7 @@
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import math
@@ -52,13 +54,17 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import dapo as D  # noqa: E402  (the trainer's constants)
 from data.prompts import encode_prompts  # noqa: E402
 from data.synthetic import SyntheticVQA  # noqa: E402
-from utils.logprobs import LOGITS_BUDGET_BYTES, batched_logprobs  # noqa: E402
+from utils import layout  # noqa: E402
+from utils.config import constants_of  # noqa: E402
+from utils.generation import Decoding  # noqa: E402
+from utils.logprobs import LOGITS_BUDGET_BYTES, Passes, batched_logprobs  # noqa: E402
 from utils.model import (  # noqa: E402
     ImageOnlyProcessor, make_rollout_model, set_pixel_limits, suppressed_token_ids, sync_rollout_model)
 from utils.rl import group_advantages  # noqa: E402
 from utils.rollout import generate, select_rows  # noqa: E402
+from utils.specs import build_specs  # noqa: E402
 from utils.tiny_vlm import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer  # noqa: E402
-from utils.update import policy_update  # noqa: E402
+from utils.update import Targets, policy_update  # noqa: E402
 
 # Qwen2.5-VL-3B/7B-Instruct's config.json, as written there (head_dim 128 for both: mrope 16+24+24 = 64 = 128/2).
 VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
@@ -191,8 +197,21 @@ class PartMeter:
         return out
 
 
+def step_specs(args):
+    """dapo.py's specs (utils/specs.py, from its constants) with this step's shape: the batch, the length limit, the
+    micro-batch; one epoch of one mini-batch, no KL (no reference model). Fields are replaced one by one, so a
+    cut-down shape the trainer would refuse as a whole can still be measured."""
+    s = build_specs(constants_of(vars(D)))
+    return dataclasses.replace(
+        s, rollout=dataclasses.replace(s.rollout, train_batch_prompts=args.prompts, group_size=args.group_size,
+                                       max_new_tokens=args.max_new_tokens),
+        loss=dataclasses.replace(s.loss, kl_beta=0.0),
+        optim=dataclasses.replace(s.optim, epochs=1, mini_batches=1, micro_batch_size=args.micro_batch_size))
+
+
 def child(args):
     """Hidden entry point: one step with gradient checkpointing args.child ("on" | "off"); JSON to --child-out."""
+    specs = step_specs(args)
     device = torch.device(args.device)
     meter = PartMeter(device)
     tokenizer = train_tokenizer(512)
@@ -210,32 +229,28 @@ def child(args):
         policy.train()
         rollout_model = make_rollout_model(policy, device, torch.bfloat16)  # the trainer's bf16 generation copy
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6,
-                                      weight_decay=D.WEIGHT_DECAY)  # state allocated at the first step
+                                      weight_decay=specs.optim.weight_decay)  # state allocated at the first step
         return policy, rollout_model, optimizer
 
     try:
         policy, rollout_model, optimizer = meter.run("load", load)
         result["parameters"] = sum(p.numel() for p in policy.parameters())
-        G, suppress, image_id = args.group_size, suppressed_token_ids(tokenizer), policy.config.image_token_id
+        r, suppress, image_id = specs.rollout, suppressed_token_ids(tokenizer), policy.config.image_token_id
+        decoding = Decoding(r.max_new_tokens, r.temperature, r.top_p, suppress_ids=suppress)
         rollout = meter.run("generation", lambda: generate(
-            rollout_model, processor, examples, G, args.max_new_tokens, D.TEMPERATURE, D.TOP_P,
-            suppress_ids=suppress, batch_size=D.GENERATION_BATCH_SIZE))
+            rollout_model, processor, examples, r.group_size, decoding, r.generation_batch_size))
         batch = select_rows(rollout, list(range(len(rollout))))  # every group kept
-        rewards = torch.rand(len(batch), generator=torch.Generator().manual_seed(D.SEED))
-        advantages = group_advantages(rewards, [G] * args.prompts, D.SCALE_ADVANTAGE_BY_STD)  # [B]
+        batch.group_sizes = [r.group_size] * r.train_batch_prompts
+        rewards = torch.rand(len(batch), generator=torch.Generator().manual_seed(specs.model.seed))
+        advantages = group_advantages(rewards, batch.group_sizes, specs.loss.scale_advantage_by_std)  # [B]
         loss_mask = batch.completion_mask.float()  # [B, L]
-        lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, args.micro_batch_size,
-                   D.TEMPERATURE)
-        logp_old, _masses = meter.run("logprobs", lambda: batched_logprobs(rollout_model, *lp_args,
-                                                                           image_token_id=image_id))
+        passes = Passes(r.temperature, "bf16-mixed", image_id)  # the attention masses are recorded with π_old
+        logp_old, _masses = meter.run("logprobs", lambda: batched_logprobs(rollout_model, batch,
+                                                                           specs.optim.micro_batch_size, passes))
 
         def update():
-            stats = policy_update(
-                policy, optimizer, batch, advantages, logp_old, loss_mask, clip_low=D.CLIP_EPS_LOW,
-                clip_high=D.CLIP_EPS_HIGH, dual_clip=D.DUAL_CLIP_C, kl_beta=0.0, entropy_coef=D.ENTROPY_COEF,
-                aggregation=D.LOSS_AGGREGATION, epochs=1, mini_batches=1, micro_batch_size=args.micro_batch_size,
-                max_grad_norm=D.MAX_GRAD_NORM, temperature=D.TEMPERATURE, precision="bf16-mixed",
-                image_token_id=image_id)
+            stats = policy_update(policy, optimizer, batch, Targets(advantages, loss_mask, logp_old), specs.loss,
+                                  specs.optim, passes)
             sync_rollout_model(policy, rollout_model)
             return stats
 
@@ -314,7 +329,7 @@ def parameter_counts(preset):
     """(total, vision tower incl. merger) parameters of the exact configuration, counted on the meta device."""
     model = meta_model(preset)
     total = sum(p.numel() for p in model.parameters())
-    return total, sum(p.numel() for p in model.model.visual.parameters())
+    return total, sum(p.numel() for p in layout.vision_tower(model).parameters())
 
 
 def fsdp_plan(args):
@@ -332,7 +347,7 @@ def fsdp_plan(args):
     for preset in ("3b", "7b", "32b"):
         model = meta_model(preset)
         n = sum(p.numel() for p in model.parameters())
-        units = list(model.model.visual.blocks) + list(model.model.language_model.layers)
+        units = layout.vision_blocks(model) + layout.decoder_layers(model)
         unit_params = [sum(p.numel() for p in u.parameters()) for u in units]
         root = n - sum(unit_params)  # embedding, lm_head (untied), norms, patch embedding, merger
         t = PRESETS[preset]["text"]

@@ -14,6 +14,7 @@ One warm-up step, then --repeats timed steps; each part is the median over the r
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import sys
@@ -28,19 +29,34 @@ import torch  # noqa: E402
 
 import dapo as D  # noqa: E402  (the trainer's constants)
 from data.synthetic import SyntheticVQA  # noqa: E402
-from utils.logprobs import batched_logprobs  # noqa: E402
+from utils.config import UserError, constants_of  # noqa: E402
+from utils.generation import Decoding  # noqa: E402
+from utils.logprobs import Passes, batched_logprobs  # noqa: E402
 from utils.model import load_model, load_processor, resolve_devices, suppressed_token_ids  # noqa: E402
 from utils.rewards import score_completions  # noqa: E402
-from utils.rl import group_advantages, overlong_loss_mask  # noqa: E402
+from utils.rl import group_advantages, loss_tokens  # noqa: E402
 from utils.rollout import generate, select_rows  # noqa: E402
+from utils.specs import build_specs  # noqa: E402
 from utils.tiny_vlm import RECIPE, build_model, build_processor, ensure_tiny_vlm, train_tokenizer  # noqa: E402
-from utils.update import policy_update  # noqa: E402
+from utils.update import Targets, policy_update  # noqa: E402
 
 # "small": head_dim 512/8 = 64, mrope 8+12+12 = 32 = head_dim/2; vision head dim 256/4 = 64.
 SMALL_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, mrope_section=[8, 12, 12])
 SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
                     patch_size=RECIPE["vision"]["patch_size"])
+
+
+def step_specs(args):
+    """dapo.py's specs (utils/specs.py, from its constants) with this benchmark's batch shape, micro-batch and KL β.
+    The fields are replaced one by one, so a shape the trainer would refuse as a whole (e.g. --max-new-tokens
+    below OVERLONG_BUFFER) can still be timed."""
+    s = build_specs(constants_of(vars(D)))
+    return dataclasses.replace(
+        s, rollout=dataclasses.replace(s.rollout, train_batch_prompts=args.prompts, group_size=args.group_size,
+                                       max_new_tokens=args.max_new_tokens),
+        loss=dataclasses.replace(s.loss, kl_beta=args.kl_beta),
+        optim=dataclasses.replace(s.optim, micro_batch_size=args.micro_batch_size))
 
 
 def load(spec, device):
@@ -59,9 +75,9 @@ def load(spec, device):
     return load_model(path, device, torch.float32), load_processor(path)  # fp32: the trainers' CPU default
 
 
-def one_step(args, policy, reference, optimizer, processor, examples, suppress, device):
+def one_step(specs, policy, reference, optimizer, processor, examples, suppress, device):
     """Run one training step; returns ({part: seconds}, completion tokens, prompt + completion tokens)."""
-    times, G = {}, args.group_size
+    times, r = {}, specs.rollout
 
     def sync():  # GPU kernels run asynchronously: wait for them before reading the clock
         if device.type == "cuda":
@@ -76,26 +92,24 @@ def one_step(args, policy, reference, optimizer, processor, examples, suppress, 
         return out
 
     t0 = time.perf_counter()
-    rollout = timed("generation", lambda: generate(policy, processor, examples, G, args.max_new_tokens, D.TEMPERATURE,
-                                                   D.TOP_P, suppress_ids=suppress, batch_size=D.GENERATION_BATCH_SIZE))
+    decoding = Decoding(r.max_new_tokens, r.temperature, r.top_p, suppress_ids=suppress)
+    rollout = timed("generation", lambda: generate(policy, processor, examples, r.group_size, decoding,
+                                                   r.generation_batch_size))
     rewards = timed("reward", lambda: score_completions(
         rollout.texts, [ex["solution"] for ex in rollout.examples], rollout.completion_mask.sum(1).tolist(),
-        {"accuracy": D.W_ACCURACY, "format": D.W_FORMAT}, args.max_new_tokens, D.OVERLONG_BUFFER,
-        D.SOFT_OVERLONG_PUNISHMENT, D.NEGATIVE_ACCURACY_REWARD))
+        specs.rewards.weights, specs.rewards, r.max_new_tokens))
     rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
     batch = select_rows(rollout, list(range(len(rollout))))  # every group kept
-    advantages = group_advantages(batch.rewards["total"], [G] * args.prompts, D.SCALE_ADVANTAGE_BY_STD)
-    loss_mask = overlong_loss_mask(batch.completion_mask.float(), batch.truncated)
-    lp_args = (batch.prompt_inputs, batch.completion_ids, batch.completion_mask, args.micro_batch_size, D.TEMPERATURE)
-    logp_old, ref_logp = timed("log-probs", lambda: (
-        batched_logprobs(policy, *lp_args), batched_logprobs(reference, *lp_args) if reference is not None else None))
+    batch.group_sizes = [r.group_size] * r.train_batch_prompts
+    advantages = group_advantages(batch.rewards["total"], batch.group_sizes, specs.loss.scale_advantage_by_std)
+    loss_mask = loss_tokens(batch, specs.loss.overlong_filtering)
+    passes, micro = Passes(r.temperature), specs.optim.micro_batch_size  # fp32, no attention recording
+    (logp_old, _), (ref_logp, _) = timed("log-probs", lambda: (
+        batched_logprobs(policy, batch, micro, passes), batched_logprobs(reference, batch, micro, passes)))
 
     def update():
-        dapo_args = dict(clip_low=D.CLIP_EPS_LOW, clip_high=D.CLIP_EPS_HIGH, entropy_coef=D.ENTROPY_COEF,
-                         aggregation=D.LOSS_AGGREGATION, epochs=D.PPO_EPOCHS, mini_batches=D.MINI_BATCHES,
-                         max_grad_norm=D.MAX_GRAD_NORM, temperature=D.TEMPERATURE)
-        policy_update(policy, optimizer, batch, advantages, logp_old, loss_mask, ref_logp=ref_logp,
-                      kl_beta=args.kl_beta, micro_batch_size=args.micro_batch_size, **dapo_args)
+        targets = Targets(advantages, loss_mask, logp_old, ref_logp)
+        policy_update(policy, optimizer, batch, targets, specs.loss, specs.optim, passes)
 
     timed("backward/optimizer", update)
     times["step"] = time.perf_counter() - t0
@@ -124,18 +138,22 @@ def main():
         device = resolve_devices(args.device, args.device)[0]
     except ValueError as e:
         raise SystemExit(str(e))
-    torch.manual_seed(D.SEED)
+    try:
+        specs = step_specs(args)
+    except UserError as e:  # a value outside its constant's domain, e.g. --kl-beta -1
+        p.error(str(e))
+    torch.manual_seed(specs.model.seed)
     policy, processor = load(args.model, device)
     policy.train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_beta > 0 else None
-    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=D.LEARNING_RATE,
-                                  weight_decay=D.WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=specs.optim.learning_rate,
+                                  weight_decay=specs.optim.weight_decay)
     suppress = suppressed_token_ids(processor.tokenizer)
-    data = SyntheticVQA(10**6, seed=D.SEED, split="train")
+    data = SyntheticVQA(10**6, seed=specs.model.seed, split="train")
     runs = []
     for step in range(1 + args.repeats):  # step 0 is the warm-up
         examples = [data[step * args.prompts + i] for i in range(args.prompts)]
-        runs.append(one_step(args, policy, reference, optimizer, processor, examples, suppress, device))
+        runs.append(one_step(specs, policy, reference, optimizer, processor, examples, suppress, device))
     runs = runs[1:]
     med = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
     n_params = sum(q.numel() for q in policy.parameters()) / 1e6

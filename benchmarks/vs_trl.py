@@ -133,6 +133,7 @@ def generation_tokens_per_s(image_size, max_new_tokens, threads, seed, repeats=3
     import torch
 
     from data.synthetic import SyntheticVQA
+    from utils.generation import Decoding
     from utils.model import load_model, load_processor, suppressed_token_ids
     from utils.rollout import generate
     from utils.tiny_vlm import ensure_tiny_vlm
@@ -141,15 +142,14 @@ def generation_tokens_per_s(image_size, max_new_tokens, threads, seed, repeats=3
     torch.manual_seed(seed)
     path = ensure_tiny_vlm(os.path.join(ROOT, ".cache"))
     model, processor = load_model(path, "cpu", torch.float32), load_processor(path)
-    suppress = suppressed_token_ids(processor.tokenizer)
+    decoding = Decoding(max_new_tokens, D.TEMPERATURE, D.TOP_P, suppress_ids=suppressed_token_ids(processor.tokenizer))
     data = SyntheticVQA(PROMPTS * (repeats + 1), seed=seed, split="train", kinds=tuple(D.QUESTION_KINDS),
                         image_size=image_size)
     rates = []
     for r in range(repeats + 1):
         examples = [data[r * PROMPTS + i] for i in range(PROMPTS)]
         start = time.perf_counter()
-        rollout = generate(model, processor, examples, GROUP_SIZE, max_new_tokens, D.TEMPERATURE, D.TOP_P,
-                           suppress_ids=suppress, batch_size=D.GENERATION_BATCH_SIZE)
+        rollout = generate(model, processor, examples, GROUP_SIZE, decoding, D.GENERATION_BATCH_SIZE)
         rates.append(int(rollout.completion_mask.sum()) / (time.perf_counter() - start))
     return statistics.median(rates[1:])
 

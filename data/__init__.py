@@ -4,18 +4,17 @@ that skips (counts and names) the rows that fail on use."""
 import os
 import random
 
-from data.hf import VQADataset
+from data.hf import VQADataset, source_format
 from data.prompts import encode_prompts
 from data.synthetic import SyntheticVQA
 
 
 def has_named_splits(source):
     """False for sources that hold one split only: .jsonl / .parquet files and a folder of a single Dataset."""
-    if source.endswith((".jsonl", ".parquet")):
-        return False
-    if os.path.isdir(source):
+    fmt = source_format(source)
+    if fmt == "save_to_disk":
         return os.path.isfile(os.path.join(source, "dataset_dict.json"))
-    return True  # a hub data set
+    return fmt == "hub"
 
 
 def check_source(source, constant):
@@ -38,21 +37,22 @@ class WithSystemPrompt:
         return {**self.dataset[index], "system_prompt": self.system_prompt}
 
 
-def load_datasets(dataset, eval_dataset, train_split, eval_split, train_size, eval_size, seed, kinds, image_size,
-                  max_objects, shuffle_options, log=print, keys=None, system_prompt="auto", processor=None,
-                  max_prompt_tokens=0, warn=None):
-    """(training set, held-out set).
+def load_datasets(spec, seed, processor=None, log=print, warn=None):
+    """(training set, held-out set) as `spec` describes them: an object with the attributes of utils.specs.DataSpec
+    (dataset, eval_dataset, train_split, eval_split, train_size, eval_samples, question_kinds, image_size,
+    max_objects, shuffle_options, image_key, problem_key, answer_key, system_prompt, max_prompt_tokens).
 
-    `dataset` = "synthetic" (built in; train_size / eval_size examples, split by seed stream) or a HF source:
-    hub name, save_to_disk folder, .parquet, .jsonl. The held-out set is `eval_dataset` when given, else the
-    `eval_split` of `dataset` — which must then have named splits, or training rows would be scored as held out.
-    keys, system_prompt, processor, max_prompt_tokens, warn: see VQADataset (the synthetic task needs none of them).
+    `spec.dataset` = "synthetic" (built in; train_size / eval_samples examples, split by the `seed` stream) or a HF
+    source: hub name, save_to_disk folder, .parquet, .jsonl. The held-out set is `spec.eval_dataset` when given,
+    else the eval_split of the data set — which must then have named splits, or training rows would be scored as
+    held out. processor, log, warn: see VQADataset (the synthetic task needs none of them).
     """
+    dataset, eval_dataset, system_prompt = spec.dataset, spec.eval_dataset, spec.system_prompt
     if dataset == "synthetic" and not eval_dataset:
-        make = lambda split, size: SyntheticVQA(size, seed=seed, split=split, kinds=tuple(kinds),  # noqa: E731
-                                                image_size=image_size, max_objects=max_objects,
-                                                shuffle_options=shuffle_options)
-        train, held_out = make("train", train_size), make("test", eval_size)
+        make = lambda split, size: SyntheticVQA(size, seed=seed, split=split, kinds=tuple(spec.question_kinds),  # noqa: E731
+                                                image_size=spec.image_size, max_objects=spec.max_objects,
+                                                shuffle_options=spec.shuffle_options)
+        train, held_out = make("train", spec.train_size), make("test", spec.eval_samples)
         if system_prompt != "auto":
             train, held_out = WithSystemPrompt(train, system_prompt), WithSystemPrompt(held_out, system_prompt)
         return train, held_out
@@ -65,9 +65,11 @@ def load_datasets(dataset, eval_dataset, train_split, eval_split, train_size, ev
     if not eval_dataset and not has_named_splits(dataset):
         raise ValueError(f"{dataset} holds a single split, so held-out rows would be training rows; name a "
                          f"held-out set with --EVAL_DATASET=PATH")
-    options = dict(log=log, keys=keys, processor=processor, max_prompt_tokens=max_prompt_tokens,
+    keys = {"image": spec.image_key, "problem": spec.problem_key, "solution": spec.answer_key}
+    options = dict(log=log, keys=keys, processor=processor, max_prompt_tokens=spec.max_prompt_tokens,
                    system_prompt=system_prompt, warn=warn)
-    return VQADataset(dataset, train_split, **options), VQADataset(eval_dataset or dataset, eval_split, **options)
+    return (VQADataset(dataset, spec.train_split, **options),
+            VQADataset(eval_dataset or dataset, spec.eval_split, **options))
 
 
 def example_name(dataset, index):

@@ -1,10 +1,10 @@
 """Loading a Hugging Face style VQA data set (SPEC §3).
 
-Sources: a hub name (when online), a folder written by `datasets.save_to_disk`, a `.parquet` file, or a
-`.jsonl` file whose image fields are paths (relative to the jsonl file). Columns: the image(s), the problem and
-the solution, found by name ("auto": `image`/`images`, `problem`/`question`/`prompt`, `solution`/`answer`) or
-named by the trainer's IMAGE_KEY / PROBLEM_KEY / ANSWER_KEY. An image column may hold one image or a list (several
-images per prompt); a row without an image is a text-only prompt.
+Sources, one reader per format (READERS): a hub name (when online), a folder written by `datasets.save_to_disk`, a
+`.parquet` file, or a `.jsonl` file whose image fields are paths (relative to the jsonl file). Columns: the
+image(s), the problem and the solution, found by name ("auto": `image`/`images`, `problem`/`question`/`prompt`,
+`solution`/`answer`) or named by the trainer's IMAGE_KEY / PROBLEM_KEY / ANSWER_KEY. An image column may hold one
+image or a list (several images per prompt); a row without an image is a text-only prompt.
 
 Rows are checked cheaply at load time — fields, image headers (size, without decoding the pixels), the
 processor's rules (aspect ratio, min/max pixels) and the prompt length — and decoded on use. Bad rows are
@@ -18,8 +18,8 @@ import warnings
 
 from PIL import Image
 
+from data.answers import gold_answer, solution_answer
 from data.prompts import PromptLength, system_prompt_for, user_content
-from utils.rewards import gold_answer, solution_answer
 
 COLUMN_NAMES = {"image": ("image", "images"), "problem": ("problem", "question", "prompt"),
                 "solution": ("solution", "answer")}
@@ -99,43 +99,88 @@ def image_values(value):
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def read_rows(source, split):
-    """(rows, columns, base_dir) for any supported source; rows is a sequence of dicts."""
-    if source.endswith(".jsonl"):
-        rows, columns = [], {}
-        with open(source) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    row = {"__error__": f"line {line_no} is not valid JSON ({e})"}
-                if not isinstance(row, dict):
-                    row = {"__error__": f"line {line_no} is not a JSON object"}
-                columns.update(dict.fromkeys(k for k in row if k != "__error__"))
-                rows.append(row)
-        return rows, list(columns), os.path.dirname(os.path.abspath(source))
+def read_jsonl(source, split):
+    """The rows of a .jsonl file, one dict per non-empty line (a line that is not a JSON object becomes a row
+    holding only its error, `__error__`); the file holds one split, so `split` is not used."""
+    rows = []
+    with open(source) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                row = {"__error__": f"line {line_no} is not valid JSON ({e})"}
+            if not isinstance(row, dict):
+                row = {"__error__": f"line {line_no} is not a JSON object"}
+            rows.append(row)
+    return rows
+
+
+def read_parquet(source, split):
+    """A .parquet file as a datasets.Dataset named `split`."""
     import datasets
 
+    return datasets.load_dataset("parquet", data_files={split: source}, split=split)
+
+
+def read_saved(source, split):
+    """A folder written by `datasets.save_to_disk`: its Dataset, or the `split` of its DatasetDict."""
+    import datasets
+
+    ds = datasets.load_from_disk(source)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{source} has splits {list(ds)}, not {split!r}")
+        ds = ds[split]
+    return ds
+
+
+def read_hub(source, split):
+    """The `split` of a data set on the Hugging Face hub."""
+    import datasets
+
+    return datasets.load_dataset(source, split=split)
+
+
+READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "save_to_disk": read_saved, "hub": read_hub}
+
+
+def source_format(source):
+    """The READERS key of a source: by its file extension, a folder, else a hub name."""
+    if source.endswith(".jsonl"):
+        return "jsonl"
     if source.endswith(".parquet"):
-        ds = datasets.load_dataset("parquet", data_files={split: source}, split=split)
-    elif os.path.isdir(source):
-        ds = datasets.load_from_disk(source)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{source} has splits {list(ds)}, not {split!r}")
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(source, split=split)
-    for name, feature in ds.features.items():  # decode images ourselves, on use
+        return "parquet"
+    if os.path.isdir(source):
+        return "save_to_disk"
+    return "hub"
+
+
+def undecoded_images(ds):
+    """`ds` (a datasets.Dataset) with its image columns, and list-of-image columns, left undecoded."""
+    import datasets
+
+    for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(name, datasets.Image(decode=False))
         elif isinstance(getattr(feature, "feature", None), datasets.Image):
             ds = ds.cast_column(name, type(feature)(datasets.Image(decode=False)))
-    # Relative image paths are relative to the data set's folder (or the parquet file's), else the current one.
+    return ds
+
+
+def read_rows(source, split):
+    """(rows, columns, base_dir) for any supported source (see READERS); rows is a sequence of dicts, with the
+    images left undecoded: we decode them ourselves, on use."""
+    rows = READERS[source_format(source)](source, split)
+    if isinstance(rows, list):  # jsonl: the columns are the keys of any row, in order of first appearance
+        columns = dict.fromkeys(k for row in rows for k in row if k != "__error__")
+    else:  # a datasets.Dataset
+        rows = undecoded_images(rows)
+        columns = rows.column_names
+    # Relative image paths are relative to the data set's folder (or the file's), else the current one.
     base_dir = source if os.path.isdir(source) else os.path.dirname(source) if os.path.isfile(source) else "."
-    return ds, list(ds.column_names), os.path.abspath(base_dir)
+    return rows, list(columns), os.path.abspath(base_dir)
 
 
 class VQADataset:

@@ -8,7 +8,7 @@ solution: the letter form for multiple choice, the free-form one (\\boxed{} or A
 
 import math
 
-from utils.rewards import answer_kind
+from data.answers import answer_kind
 
 # The embedded tiny VLM was warm-started on this exact string: keep it for the synthetic task.
 SYSTEM_PROMPT = "Think inside <think> </think>, then give the letter as Answer: X"

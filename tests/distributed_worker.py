@@ -11,29 +11,39 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dapo  # noqa: E402
 from data.synthetic import SyntheticVQA  # noqa: E402
+from utils.config import constants_of  # noqa: E402
 from utils.distributed import (all_reduce_mean, gather_full_state_dict, gather_rows, init_distributed,  # noqa: E402
                                rank_rows, replay_slots, shard_model)
-from utils.logprobs import batched_logprobs  # noqa: E402
+from utils.generation import Decoding  # noqa: E402
+from utils.logprobs import Passes, batched_logprobs  # noqa: E402
 from utils.model import load_model, load_processor, suppressed_token_ids, sync_rollout_model  # noqa: E402
-from utils.rollout import concat_rollouts, generate, sample_step, select_rows  # noqa: E402
-from utils.update import policy_update  # noqa: E402
-
-UPDATE = dict(clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0, epochs=1, mini_batches=1,
-              max_grad_norm=1e9, temperature=1.0, warn=lambda *_: None)
+from utils.rollout import generate, sample_step, select_rows  # noqa: E402
+from utils.specs import build_specs  # noqa: E402
+from utils.update import Targets, policy_update  # noqa: E402
 
 
-def sharded_sgd_step(path, batch, advantages, logp_old, aggregation, micro_batch_size, precision="fp32",
-                     batch_is_padding=False, optimizer="sgd"):
+def update_specs(**overrides):
+    """dapo.py's specs with the test's settings (one epoch, one mini-batch, no gradient clipping)."""
+    return build_specs({**constants_of(vars(dapo)), "MAX_GRAD_NORM": 1e9, **overrides})
+
+
+def sharded_sgd_step(path, batch, targets, aggregation, micro_batch_size, precision="fp32", optimizer="sgd"):
     """One policy_update of a freshly loaded, FSDP2-sharded policy on this rank's rows (SGD lr 1: the parameter
     change is minus the gradient). Returns (model, stats)."""
     model = shard_model(load_model(path, "cpu", torch.float32), precision)
     opt = (torch.optim.SGD(model.parameters(), lr=1.0) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-3))
-    stats = policy_update(model, opt, batch, advantages, logp_old, batch.completion_mask.float(),
-                          aggregation=aggregation, micro_batch_size=micro_batch_size,
-                          batch_is_padding=batch_is_padding, **UPDATE)
+    specs = update_specs(LOSS_AGGREGATION=aggregation, MICRO_BATCH_SIZE=micro_batch_size)
+    stats = policy_update(model, opt, batch, targets, specs.loss, specs.optim, Passes(precision=precision),
+                          warn=lambda *_: None)
     return model, stats
+
+
+def rank_targets(inputs, rows, logp_old_key="logp_old"):
+    mask = inputs["batch"].completion_mask[rows].float()
+    return Targets(inputs["advantages"][rows], mask, inputs[logp_old_key][rows])
 
 
 def parity(world, out, inputs):
@@ -41,14 +51,14 @@ def parity(world, out, inputs):
     rows = inputs["rows"][world.rank]
     batch = select_rows(inputs["batch"], rows)
     for aggregation in ("token", "sample"):
-        model, stats = sharded_sgd_step(inputs["path"], batch, inputs["advantages"][rows], inputs["logp_old"][rows],
-                                        aggregation, micro_batch_size=2)
+        model, stats = sharded_sgd_step(inputs["path"], batch, rank_targets(inputs, rows), aggregation,
+                                        micro_batch_size=2)
         state = gather_full_state_dict(model)
         if world.is_main:
             torch.save({"state": state, "stats": stats}, os.path.join(out, f"parity_{aggregation}.pt"))
     # An untied lm_head (as in Qwen2.5-VL-7B) is one more parameter of the root unit.
-    untied, stats_untied = sharded_sgd_step(inputs["untied_path"], batch, inputs["advantages"][rows],
-                                            inputs["logp_old_untied"][rows], "token", micro_batch_size=2)
+    untied, stats_untied = sharded_sgd_step(inputs["untied_path"], batch,
+                                            rank_targets(inputs, rows, "logp_old_untied"), "token", micro_batch_size=2)
     untied_state = gather_full_state_dict(untied)
     if world.is_main:
         torch.save({"state": untied_state, "stats": stats_untied}, os.path.join(out, "parity_untied.pt"))
@@ -60,8 +70,8 @@ def parity(world, out, inputs):
     if world.rank == 1:
         torch.save({k: v.float() for k, v in copy.state_dict().items()}, os.path.join(out, "generation_copy.pt"))
     # bf16 compute, fp32 master weights: every parameter still receives a gradient and moves.
-    model, stats = sharded_sgd_step(inputs["path"], batch, inputs["advantages"][rows], inputs["logp_old"][rows],
-                                    "token", micro_batch_size=2, precision="bf16-mixed", optimizer="adamw")
+    model, stats = sharded_sgd_step(inputs["path"], batch, rank_targets(inputs, rows), "token", micro_batch_size=2,
+                                    precision="bf16-mixed", optimizer="adamw")
     after = gather_full_state_dict(model, to_all_ranks=True)
     if world.is_main:
         fresh = load_model(inputs["path"], "cpu", torch.float32).state_dict()
@@ -97,25 +107,25 @@ def dynamic_sampling(world, out, inputs):
     torch.manual_seed(world.rank)
 
     def sample(examples, n):
-        rollout = generate(generator_model, processor, examples, n, 8, temperature=2.0,
-                           suppress_ids=suppressed_token_ids(processor.tokenizer))
+        rollout = generate(generator_model, processor, examples, n,
+                           Decoding(8, temperature=2.0, suppress_ids=suppressed_token_ids(processor.tokenizer)))
         right = torch.arange(len(rollout)) % 2 if world.rank == 0 else torch.zeros(len(rollout))
         rollout.rewards = {"accuracy": right.float(), "total": right.float()}
         return rollout
 
-    everything, train_groups, padding, metrics = sample_step(
-        sample, lambda k: [data[next(drawn)] for _ in range(k)], n_groups, group_size,
-        processor.tokenizer.pad_token_id, "refill", max_rounds=3, max_group_size=0)  # n_groups: the global batch
+    rollout = update_specs(TRAIN_BATCH_PROMPTS=n_groups, GROUP_SIZE=group_size, DYNAMIC_SAMPLING_MODE="refill",
+                           MAX_GEN_BATCHES=3).rollout  # TRAIN_BATCH_PROMPTS: the global batch
+    everything, batch, padding, metrics = sample_step(sample, lambda k: [data[next(drawn)] for _ in range(k)], rollout,
+                                                      processor.tokenizer.pad_token_id)
     n_train = metrics["dapo/train_groups"]
-    batch = concat_rollouts(train_groups, processor.tokenizer.pad_token_id)
-    logp_old = batched_logprobs(generator_model, batch.prompt_inputs, batch.completion_ids, batch.completion_mask, 8)
+    logp_old, _ = batched_logprobs(generator_model, batch, 8)
     advantages = torch.linspace(-1.0, 1.0, len(batch))
-    model, stats = sharded_sgd_step(path, batch, advantages, logp_old, "token", micro_batch_size=3,
-                                    batch_is_padding=padding)
+    targets = Targets(advantages, batch.completion_mask.float(), logp_old, padding=padding)
+    model, stats = sharded_sgd_step(path, batch, targets, "token", micro_batch_size=3)
     state = gather_full_state_dict(model)
     if world.is_main:
         torch.save({"state": state, "stats": stats, "metrics": metrics, "n_train": n_train,
-                    "local_groups": len(train_groups), "padding": padding, "batch": batch, "logp_old": logp_old,
+                    "local_groups": len(batch.group_sizes), "padding": padding, "batch": batch, "logp_old": logp_old,
                     "advantages": advantages}, os.path.join(out, "dynamic.pt"))
     else:
         torch.save({"padding": padding, "rows": len(batch)}, os.path.join(out, "dynamic_rank1.pt"))

@@ -5,6 +5,7 @@ import torch
 
 from data.synthetic import SyntheticVQA
 from utils.attention import BUCKETS, BucketMasses, completion_bucket_masses, key_buckets, row_chunk
+from utils.generation import Decoding
 from utils.logprobs import full_inputs
 from utils.model import load_model, load_processor
 from utils.rollout import generate
@@ -43,7 +44,7 @@ def test_bucket_masses_match_eager_attention_and_leave_logits_unchanged(tiny_vlm
     examples = [data[i] for i in range(4 if padded else 1)]
     if padded:
         examples[1]["problem"] = "Look closely. " + examples[1]["problem"]  # different lengths: left padding
-    rollout = generate(model, processor, examples, 1, 16, greedy=True)
+    rollout = generate(model, processor, examples, 1, Decoding(16, greedy=True))
     if padded:
         rollout.completion_mask[2, 6:] = 0  # a shorter completion: right padding inside the batch
         rollout.completion_ids[2, 6:] = processor.tokenizer.pad_token_id
@@ -206,3 +207,22 @@ def test_mdi_reward_by_hand():
     uneven = mdi_reward(torch.cat([mdi[:4], torch.tensor([1.0, e**2])]), group_sizes=[4, 2])
     assert torch.allclose(uneven[:4], expected, atol=1e-5)
     assert torch.allclose(uneven[4:], 0.5 * torch.tanh(torch.tensor([1.0, -1.0]) / (1.4826 + 1e-6)), atol=1e-5)
+
+
+def test_add_mdi_reward_adds_the_weighted_reward_to_the_total():
+    from types import SimpleNamespace
+
+    from utils.attention import add_mdi_reward, mdi_reward
+
+    e = torch.tensor(1.0).exp().item()
+    mdi = torch.tensor([1.0, e, e**2, e**3, 1.0, e**2])
+    total = torch.arange(6.0)
+    batch = SimpleNamespace(rewards={"total": total.clone()}, group_sizes=[4, 2])
+    attention = {"all": {"mdi": mdi}}
+    assert add_mdi_reward(batch, attention, 0.0, pool=lambda x: x) == {}  # W_MDI = 0: nothing happens
+    assert set(batch.rewards) == {"total"} and torch.equal(batch.rewards["total"], total)
+    metrics = add_mdi_reward(batch, attention, 0.5, pool=lambda x: x)
+    expected = mdi_reward(mdi, [4, 2])
+    assert torch.equal(batch.rewards["mdi"], expected)
+    assert torch.allclose(batch.rewards["total"], total + 0.5 * expected)
+    assert metrics == {"reward/mdi/mean": pytest.approx(expected.mean().item())}

@@ -9,7 +9,8 @@ import pytest
 import dapo
 import grpo
 import ppo
-from utils.config import apply_overrides, check_values, constants_of
+from utils.config import UserError, apply_overrides, constants_of
+from utils.specs import build_specs, resumable_constants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,9 +52,9 @@ def test_ppo_declares_grpos_constants_in_the_same_order_plus_the_critics():
     p = constants_of(vars(ppo))
     assert (p["GROUP_SIZE"], p["GAMMA"], p["LAMBDA"], p["KL_BETA"]) == (1, 1.0, 0.95, 0.0)
     assert not p["DYNAMIC_SAMPLING"] and p["REPLAY_BUFFER_SIZE"] == 0 and p["DUAL_CLIP_C"] == 0
-    check_values(p, min_group_size=1)
-    with pytest.raises(ValueError, match="GROUP_SIZE >= 2"):
-        check_values({**p, "DYNAMIC_SAMPLING": True}, min_group_size=1)
+    assert build_specs(p).critic.gamma == 1.0  # one completion per prompt: the critic is the baseline
+    with pytest.raises(UserError, match="GROUP_SIZE >= 2"):
+        build_specs({**p, "DYNAMIC_SAMPLING": True})
 
 
 def test_every_constant_has_a_trailing_comment():
@@ -109,11 +110,52 @@ def test_wrong_types_are_errors(arg):
                                           ("--DYNAMIC_SAMPLING_MODE=resample", "topup"),
                                           ("--DYNAMIC_SAMPLING_MODE=topup --MAX_DYNAMIC_SAMPLES=8", "exceed"),
                                           ("--DUAL_CLIP_C=0.5", "above 1"),
-                                          ("--REPLAY_MAX_SUCCESS_RATE=1.5", "between 0 and 1"),
-                                          ("--REWARD_WEIGHTS_EARLY={'acc':1.0}", "unknown reward acc")])
+                                          ("--REPLAY_MAX_SUCCESS_RATE=1.5",
+                                           "REPLAY_MAX_SUCCESS_RATE=1.5: must be >= 0 and <= 1"),
+                                          ("--REWARD_WEIGHTS_EARLY={'acc':1.0}", "unknown reward acc"),
+                                          ("--CLIP_EPS_HIGH=-1", "CLIP_EPS_HIGH=-1.0: must be >= 0"),
+                                          ("--CLIP_EPS_LOW=2", "CLIP_EPS_LOW=2.0: must be >= 0 and <= 1"),
+                                          ("--CLIP_EPS_LOW=1", "below 1"),
+                                          ("--TEMPERATURE=0", "TEMPERATURE=0.0: must be > 0"),
+                                          ("--TOP_P=1.5", "TOP_P"), ("--MAX_OBJECTS=9", "MAX_OBJECTS=9: must be"),
+                                          ("--QUESTION_KINDS=['count','size']", "QUESTION_KINDS"),
+                                          ("--PRECISION=bf16", "'auto' | 'bf16-mixed' | 'fp32'"),
+                                          ("--POLICY_LOSS=gspo", "POLICY_LOSS='gspo': expected 'clip'")])
 def test_values_outside_the_allowed_ones_are_errors(arg, message):
     cfg = apply_overrides(constants_of(vars(dapo)), arg.split(" "))
-    with pytest.raises(ValueError, match=message):
-        check_values(cfg)
-    check_values(constants_of(vars(dapo)))
-    check_values(constants_of(vars(grpo)))
+    with pytest.raises(UserError, match=message):
+        build_specs(cfg)
+
+
+def test_every_trainers_defaults_pass_the_checks():
+    for trainer in (dapo, grpo, ppo):
+        specs = build_specs(constants_of(vars(trainer)))
+        assert (specs.critic is not None) == (trainer is ppo)
+
+
+def test_a_constant_of_the_wrong_type_is_refused_before_anything_loads():
+    """A constant edited in the file with the wrong type (TOTAL_STEPS = 3.0, GROUP_SIZE = "4") is one error naming
+    it, not a TypeError deep in the first step."""
+    cfg = constants_of(vars(dapo))
+    with pytest.raises(UserError, match=r"TOTAL_STEPS=3.0: expected an integer"):
+        build_specs({**cfg, "TOTAL_STEPS": 3.0})
+    with pytest.raises(UserError, match=r"GROUP_SIZE='4': expected an integer"):
+        build_specs({**cfg, "GROUP_SIZE": "4"})
+    with pytest.raises(UserError, match=r"DYNAMIC_SAMPLING=1: expected a boolean"):
+        build_specs({**cfg, "DYNAMIC_SAMPLING": 1})
+    assert build_specs({**cfg, "KL_BETA": 1}).loss.kl_beta == 1  # an int is a fine float
+
+
+def test_every_constant_fills_exactly_one_spec_field():
+    """The specs cover the trainers' constants one to one: nothing is read by name elsewhere, nothing is left out."""
+    from dataclasses import fields
+
+    from utils.rewards import reward_names
+    from utils.specs import SPEC_CLASSES, CriticSpec
+
+    named = [f.metadata["constant"] for cls in (*SPEC_CLASSES.values(), CriticSpec) for f in fields(cls)
+             if f.metadata.get("constant")] + [f"W_{name.upper()}" for name in reward_names()]
+    assert len(named) == len(set(named))
+    assert set(named) == set(constants_of(vars(ppo)))
+    assert resumable_constants() >= {"TOTAL_STEPS", "RUNS_DIR", "MICRO_BATCH_SIZE", "RESUME"}
+    assert not resumable_constants() & {"LEARNING_RATE", "CLIP_EPS_HIGH", "GROUP_SIZE", "SEED"}

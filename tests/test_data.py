@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from data import PromptSampler, load_datasets
+from data.answers import gold_answer
 from data.hf import VQADataset
 from data.synthetic import LETTERS, SyntheticVQA
-from utils.rewards import gold_answer
 
 
 def test_synthetic_is_deterministic_and_splits_differ():
@@ -98,7 +98,7 @@ def test_a_data_set_without_usable_rows_is_an_error(tmp_path):
             VQADataset(str(path))
 
 
-def test_save_to_disk_folder_and_parquet(tmp_path):
+def test_save_to_disk_folder_and_parquet(tmp_path, make_specs):
     import datasets
 
     images = [Image.new("RGB", (28, 28), c) for c in ("red", "blue", "green")]
@@ -106,18 +106,18 @@ def test_save_to_disk_folder_and_parquet(tmp_path):
     ds = ds.cast_column("image", datasets.Image())
     ds.save_to_disk(str(tmp_path / "folder"))
     ds.to_parquet(str(tmp_path / "data.parquet"))
-    quiet = dict(seed=0, kinds=(), image_size=0, max_objects=0, shuffle_options=False, log=lambda *_: None)
+    spec = make_specs(DATASET=str(tmp_path / "folder"), EVAL_DATASET=str(tmp_path / "data.parquet")).data
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from_folder, from_parquet = load_datasets(str(tmp_path / "folder"), str(tmp_path / "data.parquet"),
-                                                  "train", "test", 0, 0, **quiet)
+        from_folder, from_parquet = load_datasets(spec, seed=0, log=lambda *_: None)
     for data in (from_folder, from_parquet):
         assert len(data) == 2 and data.skipped == 1
         assert data[1]["solution"] == "B" and data[1]["image"].getpixel((0, 0)) == (0, 0, 255)
     assert sum("row 2 of" in str(w.message) for w in caught) == 2
     # A single-split source cannot also be its own held-out set.
     with pytest.raises(ValueError, match="EVAL_DATASET"):
-        load_datasets(str(tmp_path / "data.parquet"), "", "train", "test", 0, 0, **quiet)
+        load_datasets(make_specs(DATASET=str(tmp_path / "data.parquet"), EVAL_DATASET="").data, seed=0,
+                      log=lambda *_: None)
 
 
 def test_relative_image_paths_in_parquet_are_relative_to_the_file(tmp_path, monkeypatch):

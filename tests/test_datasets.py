@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from data import PromptSampler, load_datasets
 from data.hf import VQADataset, resolve_columns
 from data.prompts import FREE_FORM_SYSTEM_PROMPT, SYSTEM_PROMPT, encode_prompts, image_token_count, user_content
 from tests import vqa_fixtures
+from utils.batch import concat_inputs, image_patch_counts, slice_inputs
 from utils.rewards import accuracy_reward
-from utils.rollout import concat_inputs, image_patch_counts, slice_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THINK = "<think>reasoning</think>"
@@ -168,10 +169,16 @@ def test_a_data_set_whose_rows_all_fail_on_use_is_an_error(tmp_path):
         PromptSampler(data, seed=0, warn=lambda *_: None).next(1)
 
 
-def test_missing_data_files_are_named(tmp_path):
-    quiet = dict(seed=0, kinds=(), image_size=0, max_objects=0, shuffle_options=False, log=lambda *_: None)
+def test_missing_data_files_are_named(make_specs, specs):
+    # The DataSpec names a missing file when it is built (from the constants) ...
     with pytest.raises(ValueError, match="DATASET='nope.jsonl': no such file"):
-        load_datasets("nope.jsonl", "", "train", "test", 0, 0, **quiet)
+        make_specs(DATASET="nope.jsonl")
+    with pytest.raises(ValueError, match="EVAL_DATASET='nope.jsonl': no such file"):
+        make_specs(EVAL_DATASET="nope.jsonl")
+    # ... and load_datasets does too, for any object with the DataSpec's attributes.
+    spec = SimpleNamespace(**{**vars(specs.data), "dataset": "nope.jsonl", "eval_dataset": ""})
+    with pytest.raises(ValueError, match="DATASET='nope.jsonl': no such file"):
+        load_datasets(spec, seed=0, log=lambda *_: None)
 
 
 def test_dapo_trains_on_a_mixed_set_with_bad_rows(tmp_path):

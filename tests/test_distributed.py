@@ -8,26 +8,31 @@ import sys
 import pytest
 import torch
 
+from utils import layout
 from utils.distributed import (World, all_reduce_mean, all_reduce_sum, gather_rows, prompts_per_rank, rank_rows,
                                rank_share, replay_slots, split_quota)
+from utils.generation import Decoding
 from utils.logprobs import batched_logprobs
 from utils.model import load_model, load_processor, suppressed_token_ids
 from utils.rollout import generate
-from utils.update import policy_update
+from utils.update import Targets, policy_update
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
-UPDATE = dict(clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0, epochs=1, mini_batches=1,
-              max_grad_norm=1e9, temperature=1.0, warn=lambda *_: None)
 
 
-def one_process_step(path, batch, advantages, logp_old, aggregation):
-    """The reference: one unsharded process, the whole batch, SGD lr 1. Returns (parameters after, stats)."""
-    model = load_model(path, "cpu", torch.float32)
-    stats = policy_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, advantages, logp_old,
-                          batch.completion_mask.float(), aggregation=aggregation, micro_batch_size=len(batch),
-                          **UPDATE)
-    return model.state_dict(), stats
+@pytest.fixture(scope="module")
+def one_process_step(make_specs):
+    def step(path, batch, advantages, logp_old, aggregation):
+        """The reference: one unsharded process, the whole batch, SGD lr 1. Returns (parameters after, stats)."""
+        model = load_model(path, "cpu", torch.float32)
+        specs = make_specs(LOSS_AGGREGATION=aggregation, MICRO_BATCH_SIZE=len(batch), MAX_GRAD_NORM=1e9)
+        targets = Targets(advantages, batch.completion_mask.float(), logp_old)
+        stats = policy_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, targets, specs.loss,
+                              specs.optim, warn=lambda *_: None)
+        return model.state_dict(), stats
+
+    return step
 
 
 def max_difference(a, b):
@@ -43,20 +48,19 @@ def torchrun_results(tiny_vlm_path, tmp_path_factory):
     processor = load_processor(tiny_vlm_path)
     model = load_model(tiny_vlm_path, "cpu", torch.float32)
     torch.manual_seed(0)
-    batch = generate(model, processor, examples(4, seed=5), 3, 14, temperature=2.0,
-                     suppress_ids=suppressed_token_ids(processor.tokenizer))  # 4 groups of 3, lengths vary
-    logp_old = batched_logprobs(model, batch.prompt_inputs, batch.completion_ids, batch.completion_mask, 12)
+    batch = generate(model, processor, examples(4, seed=5), 3,
+                     Decoding(14, temperature=2.0, suppress_ids=suppressed_token_ids(processor.tokenizer)))
+    logp_old, _ = batched_logprobs(model, batch, 12)  # 4 groups of 3, lengths vary
     inputs = {"path": tiny_vlm_path, "batch": batch, "logp_old": logp_old,
               "advantages": torch.linspace(-1.0, 2.0, len(batch)),
               "rows": {0: list(range(9)), 1: list(range(9, 12))}}  # uneven: 3 groups and 1 group
     untied = load_model(tiny_vlm_path, "cpu", torch.float32)  # as Qwen2.5-VL-7B: lm_head not tied to the embedding
     untied.config.tie_word_embeddings = untied.config.text_config.tie_word_embeddings = False
-    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach() * 1.1)
+    layout.lm_head(untied).weight = torch.nn.Parameter(layout.lm_head(untied).weight.detach() * 1.1)
     untied.save_pretrained(folder / "untied")
     load_processor(tiny_vlm_path).save_pretrained(folder / "untied")
     inputs["untied_path"] = str(folder / "untied")
-    inputs["logp_old_untied"] = batched_logprobs(untied, batch.prompt_inputs, batch.completion_ids,
-                                                 batch.completion_mask, 12)
+    inputs["logp_old_untied"], _ = batched_logprobs(untied, batch, 12)
     torch.save(inputs, folder / "inputs.pt")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -67,7 +71,7 @@ def torchrun_results(tiny_vlm_path, tmp_path_factory):
 
 
 @pytest.mark.parametrize("aggregation", ["token", "sample"])
-def test_two_sharded_ranks_step_like_one_process(torchrun_results, aggregation):
+def test_two_sharded_ranks_step_like_one_process(torchrun_results, one_process_step, aggregation):
     folder, inputs = torchrun_results
     rows = inputs["rows"]
     tokens = [int(inputs["batch"].completion_mask[r].sum()) for r in rows.values()]
@@ -83,15 +87,15 @@ def test_two_sharded_ranks_step_like_one_process(torchrun_results, aggregation):
         assert got["stats"][k] == pytest.approx(expected_stats[k], rel=1e-5, abs=1e-7), k
 
 
-def test_an_untied_lm_head_is_sharded_and_trained_too(torchrun_results):
+def test_an_untied_lm_head_is_sharded_and_trained_too(torchrun_results, one_process_step):
     folder, inputs = torchrun_results
     model = load_model(inputs["untied_path"], "cpu", torch.float32)
-    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
+    assert layout.lm_head(model).weight is not model.get_input_embeddings().weight
     expected, _ = one_process_step(inputs["untied_path"], inputs["batch"], inputs["advantages"],
                                    inputs["logp_old_untied"], "token")
     got = torch.load(folder / "parity_untied.pt", weights_only=False)
     assert "lm_head.weight" in got["state"] and max_difference(got["state"], expected) < 1e-5
-    assert (got["state"]["lm_head.weight"] != model.lm_head.weight).any()
+    assert (got["state"]["lm_head.weight"] != layout.lm_head(model).weight).any()
 
 
 def test_checkpoint_and_generation_copy_hold_the_gathered_weights(torchrun_results):
@@ -111,7 +115,7 @@ def test_bf16_mixed_precision_trains_every_parameter_with_fp32_master_weights(to
     assert torch.isfinite(torch.tensor([got["stats"]["loss"], got["stats"]["grad_norm"]])).all()
 
 
-def test_dynamic_sampling_counts_informative_groups_globally(torchrun_results):
+def test_dynamic_sampling_counts_informative_groups_globally(torchrun_results, one_process_step):
     """Rank 1 samples only flat groups; the rounds go on until 4 informative groups exist over both ranks, rank 0
     trains on all 4, rank 1 joins with zero weight, and the step equals one process's on rank 0's groups."""
     folder, inputs = torchrun_results

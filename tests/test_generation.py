@@ -4,10 +4,11 @@ import torch
 
 from data.prompts import encode_prompts
 from tests.test_model import examples, qwen2_vl_checkpoint
-from utils.generation import sample_completions, top_p_filter
+from utils.batch import slice_inputs
+from utils.generation import Decoding, sample_completions, top_p_filter
 from utils.logprobs import completion_logprobs
 from utils.model import load_model, load_processor, suppressed_token_ids
-from utils.rollout import completion_mask_from_ids, slice_inputs
+from utils.rollout import completion_mask_from_ids
 
 
 def eos_ids_of(model):
@@ -21,7 +22,8 @@ def assert_greedy_matches_hf_generate(model, processor, n_prompts=5, group_size=
     inputs = encode_prompts(processor, examples(n_prompts))
     assert (inputs["attention_mask"] == 0).any(), "the check needs left padding"
     eos = eos_ids_of(model)
-    ids, _ = sample_completions(model, inputs, group_size, max_new_tokens, greedy=True, eos_ids=eos, pad_id=pad)
+    ids, _ = sample_completions(model, inputs, group_size, Decoding(max_new_tokens, greedy=True), eos_ids=eos,
+                                pad_id=pad)
     repeated = slice_inputs(inputs, [i for i in range(n_prompts) for _ in range(group_size)])
     out = model.generate(**repeated, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     expected = out[:, repeated["input_ids"].shape[1] :]
@@ -37,10 +39,11 @@ def test_a_policy_in_training_with_gradient_checkpointing_samples_the_same(tiny_
     """transformers drops the KV cache of checkpointed layers in training mode; sampling must not notice."""
     processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32)
     inputs, pad, eos = encode_prompts(processor, examples(3)), processor.tokenizer.pad_token_id, eos_ids_of(model)
-    expected, _ = sample_completions(model.eval(), inputs, 2, 12, greedy=True, eos_ids=eos, pad_id=pad)
+    greedy = Decoding(12, greedy=True)
+    expected, _ = sample_completions(model.eval(), inputs, 2, greedy, eos_ids=eos, pad_id=pad)
     model.gradient_checkpointing_enable()
     model.train()
-    ids, _ = sample_completions(model, inputs, 2, 12, greedy=True, eos_ids=eos, pad_id=pad)
+    ids, _ = sample_completions(model, inputs, 2, greedy, eos_ids=eos, pad_id=pad)
     assert torch.equal(ids, expected) and model.training
 
 
@@ -57,8 +60,8 @@ def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path):
     suppress = suppressed_token_ids(processor.tokenizer)
     inputs = encode_prompts(processor, examples(3, seed=4))
     generator = torch.Generator().manual_seed(0)
-    ids, logp = sample_completions(model, inputs, G, 20, temperature=2.0, top_p=0.95, suppress_ids=suppress,
-                                   eos_ids=eos, pad_id=pad, generator=generator)  # [3G, L]
+    decoding = Decoding(20, temperature=2.0, top_p=0.95, suppress_ids=tuple(suppress))
+    ids, logp = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad, generator=generator)  # [3G, L]
     mask, ended = completion_mask_from_ids(ids, eos)
     assert ids.shape[0] == 3 * G and ids.shape[1] <= 20 and (~ended).any() and ended.any()
     assert (ids[mask == 0] == pad).all() and (logp[mask == 0] == 0).all()
@@ -68,8 +71,8 @@ def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path):
     assert logp.dtype == torch.float32
     assert torch.allclose(logp[mask.bool()], expected[mask.bool()], atol=1e-4)
     # The same generator state gives the same completions.
-    again, _ = sample_completions(model, inputs, G, 20, temperature=2.0, top_p=0.95, suppress_ids=suppress,
-                                  eos_ids=eos, pad_id=pad, generator=torch.Generator().manual_seed(0))
+    again, _ = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad,
+                                  generator=torch.Generator().manual_seed(0))
     assert torch.equal(ids, again)
 
 

@@ -36,7 +36,7 @@ NUMBER = r"(-?\d+\.\d{3}|nan)"
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(make_specs):
     tok = train_tokenizer(512)
     processor = build_processor(tok, 7, 56)
     data = SyntheticVQA(3, seed=0, kinds=("count",))
@@ -52,8 +52,9 @@ def setup():
         completion_ids[row, : len(i)] = torch.tensor(i)
         completion_mask[row, : len(i)] = 1
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+    specs = make_specs(W_ACCURACY=3.0, W_FORMAT=1.0, MAX_NEW_TOKENS=24, OVERLONG_BUFFER=8)
     rewards = score_completions(texts, [ex["solution"] for ex in examples], completion_mask.sum(1).tolist(),
-                                {"accuracy": 3.0, "format": 1.0}, 24, 8)
+                                specs.rewards.at(1), specs.rewards, specs.rollout.max_new_tokens)
     rollout = Rollout(prompt_inputs, completion_ids, completion_mask, torch.zeros(len(ids), dtype=torch.bool), texts,
                       examples, {k: torch.tensor(v) for k, v in rewards.items()})
     advantages = torch.tensor([0.7, -0.7, 0.25, -0.25, 1.0, -1.0])

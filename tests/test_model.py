@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from data.synthetic import SyntheticVQA
+from utils import layout
+from utils.batch import concat_inputs, slice_inputs
+from utils.generation import Decoding
 from utils.logprobs import batched_logprobs, completion_logprobs
 from utils.model import load_model, load_processor, suppressed_token_ids
-from utils.rollout import concat_inputs, generate, slice_inputs
+from utils.rollout import generate
 
 
 def examples(n, seed=0):
@@ -20,7 +23,7 @@ def examples(n, seed=0):
 
 def assert_logprobs_match_generation(model, processor, n_prompts=4, max_new_tokens=12):
     """Teacher-forced log-probs of greedy completions equal the scores generate() saw at each step."""
-    rollout = generate(model, processor, examples(n_prompts), 1, max_new_tokens, greedy=True)
+    rollout = generate(model, processor, examples(n_prompts), 1, Decoding(max_new_tokens, greedy=True))
     assert (rollout.prompt_inputs["attention_mask"] == 0).any(), "the check needs left padding"
     out = model.generate(**rollout.prompt_inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
                          return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
@@ -41,10 +44,10 @@ def test_teacher_forced_logprobs_match_generation(tiny_vlm_path):
 def test_micro_batches_give_the_same_logprobs(tiny_vlm_path):
     processor = load_processor(tiny_vlm_path)
     model = load_model(tiny_vlm_path, "cpu", torch.float32)
-    rollout = generate(model, processor, examples(5, seed=1), 2, 10)
-    args = (rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)
-    whole = batched_logprobs(model, *args, micro_batch_size=10)
-    split = batched_logprobs(model, *args, micro_batch_size=3)
+    rollout = generate(model, processor, examples(5, seed=1), 2, Decoding(10))
+    whole, no_masses = batched_logprobs(model, rollout, micro_batch_size=10)
+    split, _ = batched_logprobs(model, rollout, micro_batch_size=3)
+    assert no_masses is None  # masses only with an image token id (Passes)
     mask = rollout.completion_mask.bool()
     assert torch.allclose(whole[mask], split[mask], atol=1e-5)
     rows = [slice_inputs(rollout.prompt_inputs, slice(0, 4)), slice_inputs(rollout.prompt_inputs, slice(4, 10))]
@@ -56,7 +59,8 @@ def test_sampling_never_emits_vision_tokens_and_groups_are_contiguous(tiny_vlm_p
     processor = load_processor(tiny_vlm_path)
     model = load_model(tiny_vlm_path, "cpu", torch.float32)
     batch = examples(3, seed=2)
-    rollout = generate(model, processor, batch, 4, 16, temperature=3.0, suppress_ids=suppressed_token_ids(processor.tokenizer))
+    decoding = Decoding(16, temperature=3.0, suppress_ids=suppressed_token_ids(processor.tokenizer))
+    rollout = generate(model, processor, batch, 4, decoding)
     assert len(rollout) == 12 and [ex["problem"] for ex in rollout.examples[:4]] == [batch[0]["problem"]] * 4
     banned = torch.tensor(suppressed_token_ids(processor.tokenizer))
     assert not torch.isin(rollout.completion_ids[rollout.completion_mask.bool()], banned).any()
@@ -79,39 +83,40 @@ def test_processor_round_trip(tiny_vlm_path, tmp_path):
     assert a["pixel_values"].max().item() == 0.0
 
 
-def _update_delta(model_path, batch, micro_batch_size, advantages, aggregation="token"):
+def _update_delta(make_specs, model_path, batch, micro_batch_size, advantages, aggregation="token"):
     """Parameter change of one policy_update with plain SGD (lr 1): minus the gradient, exactly."""
-    from utils.update import policy_update
+    from utils.update import Targets, policy_update
 
+    specs = make_specs(CLIP_EPS_LOW=0.2, CLIP_EPS_HIGH=0.28, KL_BETA=0.0, ENTROPY_COEF=0.0,
+                       LOSS_AGGREGATION=aggregation, PPO_EPOCHS=1, MINI_BATCHES=1, MICRO_BATCH_SIZE=micro_batch_size,
+                       MAX_GRAD_NORM=1e9)
     model = load_model(model_path, "cpu", torch.float32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    logp_old = batched_logprobs(model, batch.prompt_inputs, batch.completion_ids, batch.completion_mask, 16)
+    logp_old, _ = batched_logprobs(model, batch, 16)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    stats = policy_update(model, optimizer, batch, advantages, logp_old, batch.completion_mask.float(),
-                          clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0, aggregation=aggregation,
-                          epochs=1, mini_batches=1, micro_batch_size=micro_batch_size, max_grad_norm=1e9,
-                          temperature=1.0, warn=lambda *_: None)
+    targets = Targets(advantages, batch.completion_mask.float(), logp_old=logp_old)
+    stats = policy_update(model, optimizer, batch, targets, specs.loss, specs.optim, warn=lambda *_: None)
     return {n: p.detach() - before[n] for n, p in model.named_parameters()}, stats
 
 
-def test_policy_update_does_not_depend_on_micro_batch_size(tiny_vlm_path):
+def test_policy_update_does_not_depend_on_micro_batch_size(tiny_vlm_path, make_specs):
     processor = load_processor(tiny_vlm_path)
     model = load_model(tiny_vlm_path, "cpu", torch.float32)
     torch.manual_seed(0)  # the same batch whichever tests ran before
-    batch = generate(model, processor, examples(3, seed=3), 4, 14, temperature=2.0)  # lengths differ a lot
+    batch = generate(model, processor, examples(3, seed=3), 4, Decoding(14, temperature=2.0))  # lengths differ a lot
     advantages = torch.linspace(-1.5, 1.5, len(batch))
-    whole, stats_whole = _update_delta(tiny_vlm_path, batch, 12, advantages)
-    split, stats_split = _update_delta(tiny_vlm_path, batch, 5, advantages)
+    whole, stats_whole = _update_delta(make_specs, tiny_vlm_path, batch, 12, advantages)
+    split, stats_split = _update_delta(make_specs, tiny_vlm_path, batch, 5, advantages)
     assert stats_whole["loss"] == pytest.approx(stats_split["loss"], abs=1e-6)
     worst = max((whole[n] - split[n]).abs().max().item() for n in whole)
     assert worst < 1e-6 and max(d.abs().max().item() for d in whole.values()) > 1e-4
 
 
-def test_non_finite_loss_skips_the_step(tiny_vlm_path):
+def test_non_finite_loss_skips_the_step(tiny_vlm_path, make_specs):
     processor = load_processor(tiny_vlm_path)
-    batch = generate(load_model(tiny_vlm_path, "cpu", torch.float32), processor, examples(2), 2, 8)
+    batch = generate(load_model(tiny_vlm_path, "cpu", torch.float32), processor, examples(2), 2, Decoding(8))
     advantages = torch.tensor([1.0, float("nan"), 0.5, -1.0])
-    delta, stats = _update_delta(tiny_vlm_path, batch, 4, advantages)
+    delta, stats = _update_delta(make_specs, tiny_vlm_path, batch, 4, advantages)
     assert stats["skipped_updates"] == 1 and stats["updates"] == 0
     assert all((d == 0).all() for d in delta.values())
 
@@ -156,7 +161,8 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_vlm_path)
     processor = load_processor(tiny_vlm_path)
     model = load_model(tiny_vlm_path, "cpu", torch.float32).train()
     torch.manual_seed(0)
-    batch = generate(model, processor, examples(3, seed=5), 3, 14, temperature=2.0)  # left-padded, lengths differ
+    # Left-padded prompts, completions of different lengths.
+    batch = generate(model, processor, examples(3, seed=5), 3, Decoding(14, temperature=2.0))
     rows = [0, 1, 2, 3, 4, 6, 7, 8]  # groups of 3, 2 and 2 rows
     inputs, ids, mask = slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows], batch.completion_mask[rows]
     m = mask.bool()
@@ -167,10 +173,12 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_vlm_path)
         (logp[m].sum() + 0.1 * entropy[m].sum()).backward()
         return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    def one_pass_per_row():
-        return model.model(**full_inputs(inputs, ids, mask), use_cache=False).last_hidden_state[:, -(ids.shape[1] + 1) :]
+    backbone = layout.backbone(model)
 
-    shared, shared_grads = loss_and_grads(lambda: completion_hidden_states(model.model, inputs, ids, mask))
+    def one_pass_per_row():
+        return backbone(**full_inputs(inputs, ids, mask), use_cache=False).last_hidden_state[:, -(ids.shape[1] + 1) :]
+
+    shared, shared_grads = loss_and_grads(lambda: completion_hidden_states(backbone, inputs, ids, mask))
     whole, whole_grads = loss_and_grads(one_pass_per_row)
     assert torch.allclose(shared[m], whole[m], atol=1e-5)
     for n, g in whole_grads.items():  # fp32 summation order differs: within 1e-5 of each tensor's scale

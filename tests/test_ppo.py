@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from tests.test_model import examples
+from utils import layout
 from utils.critic import Critic
+from utils.generation import Decoding
 from utils.model import load_model, load_processor
 from utils.rl import clipped_value_loss, explained_variance, gae, token_rewards, whiten
 from utils.rollout import generate
-from utils.update import policy_update
+from utils.update import Targets, policy_update
 
 
 def test_token_rewards_by_hand():
@@ -88,14 +90,14 @@ def tiny(tiny_vlm_path):
     processor = load_processor(tiny_vlm_path)
     model = load_model(tiny_vlm_path, "cpu", torch.float32)
     torch.manual_seed(0)
-    rollout = generate(model, processor, examples(3, seed=3), 2, 8)
+    rollout = generate(model, processor, examples(3, seed=3), 2, Decoding(8))
     return tiny_vlm_path, processor, model, rollout
 
 
 def test_critic_values_are_causal(tiny):
     """V at token t sees the prompt and tokens < t only: changing token 2 moves the values from t = 3 on."""
     path, _, _, rollout = tiny
-    critic = Critic(load_model(path, "cpu", torch.float32).model, 128)
+    critic = Critic(layout.backbone(load_model(path, "cpu", torch.float32)), 128)
     torch.nn.init.normal_(critic.head.weight)
     ids = rollout.completion_ids.clone()
     full_mask = torch.ones_like(rollout.completion_mask)
@@ -108,11 +110,12 @@ def test_critic_values_are_causal(tiny):
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_critic_warmup_trains_the_critic_and_leaves_the_policy(tiny, shared):
+def test_critic_warmup_trains_the_critic_and_leaves_the_policy(tiny, make_specs, shared):
     path, _, _, rollout = tiny
+    specs = make_specs("ppo", CLIP_RANGE_VALUE=0.0, PPO_EPOCHS=2, MINI_BATCHES=1, MICRO_BATCH_SIZE=4)
     policy = load_model(path, "cpu", torch.float32)
-    backbone = policy.model if shared else load_model(path, "cpu", torch.float32).model
-    critic = Critic(backbone, policy.config.text_config.hidden_size)
+    backbone = layout.backbone(policy if shared else load_model(path, "cpu", torch.float32))
+    critic = Critic(backbone, layout.hidden_size(policy), specs.critic)
     params = {id(p): p for p in [*policy.parameters(), *critic.parameters()]}
     optimizer = torch.optim.AdamW(list(params.values()), lr=1e-2)
     rollout.rewards = {"total": torch.arange(6.0)}
@@ -120,17 +123,15 @@ def test_critic_warmup_trains_the_critic_and_leaves_the_policy(tiny, shared):
     returns = rollout.rewards["total"].unsqueeze(1) * mask  # [B, L]
     policy_before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     critic_backbone_before = {n: p.detach().clone() for n, p in critic.backbone.named_parameters()}
-    kwargs = dict(clip_low=0.2, clip_high=0.2, kl_beta=0.0, entropy_coef=0.0, aggregation="token", epochs=2,
-                  mini_batches=1, micro_batch_size=4, max_grad_norm=1.0, temperature=1.0, critic=critic,
-                  values_old=torch.zeros_like(mask), returns=returns, vf_coef=0.5, clip_range_value=0.0)
-    advantages = torch.randn_like(mask)
-    logp_old = torch.zeros_like(mask) - 1.0
-    first = policy_update(policy, optimizer, rollout, advantages, logp_old, mask, train_policy=False, **kwargs)
-    second = policy_update(policy, optimizer, rollout, advantages, logp_old, mask, train_policy=False, **kwargs)
+    targets = Targets(torch.randn_like(mask), mask, torch.zeros_like(mask) - 1.0, values_old=torch.zeros_like(mask),
+                      returns=returns)
+    update = lambda train_policy: policy_update(policy, optimizer, rollout, targets, specs.loss,  # noqa: E731
+                                                specs.optim, critic=critic, train_policy=train_policy)
+    first, second = update(False), update(False)
     assert second["value_loss"] < first["value_loss"]  # the critic learns
     assert critic.head.weight.abs().sum() > 0
     assert all(torch.equal(p, policy_before[n]) for n, p in policy.named_parameters())  # the policy waits
     moved = any(not torch.equal(p, critic_backbone_before[n]) for n, p in critic.backbone.named_parameters())
     assert moved == (not shared)  # a separate critic trains its whole copy; a shared one only its head
-    policy_update(policy, optimizer, rollout, advantages, logp_old, mask, train_policy=True, **kwargs)
+    update(True)
     assert any(not torch.equal(p, policy_before[n]) for n, p in policy.named_parameters())

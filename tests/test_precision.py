@@ -6,27 +6,32 @@ import torch
 from PIL import Image
 
 from data.synthetic import SyntheticVQA
-from utils.logprobs import batched_logprobs
+from utils.generation import Decoding
+from utils.logprobs import Passes, batched_logprobs
 from utils.model import load_model, load_processor, make_rollout_model, set_pixel_limits, sync_rollout_model
 from utils.precision import autocast, inference_dtype, resolve_precision
 from utils.rollout import generate
-from utils.update import policy_update
+from utils.update import Targets, policy_update
 
 
 def rollout_batch(model, processor, seed=0):
     data = SyntheticVQA(3, seed=seed, split="test")
     torch.manual_seed(seed)
-    return generate(model, processor, [data[i] for i in range(3)], 4, 12, temperature=1.5)
+    return generate(model, processor, [data[i] for i in range(3)], 4, Decoding(12, temperature=1.5))
 
 
-def one_update(policy, rollout_model, batch, precision, advantages, lr=1e-6):
+@pytest.fixture
+def update_specs(make_specs):
+    return make_specs(MICRO_BATCH_SIZE=6, MAX_GRAD_NORM=1e9)
+
+
+def one_update(policy, rollout_model, batch, precision, advantages, specs, lr=1e-6):
     """One AdamW step of policy_update in `precision`, π_old from `rollout_model`. Returns (stats, optimizer)."""
-    logp_old = batched_logprobs(rollout_model, batch.prompt_inputs, batch.completion_ids, batch.completion_mask, 16)
+    logp_old, _ = batched_logprobs(rollout_model, batch, 16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
-    stats = policy_update(policy, optimizer, batch, advantages, logp_old, batch.completion_mask.float(),
-                          clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0, aggregation="token", epochs=1,
-                          mini_batches=1, micro_batch_size=6, max_grad_norm=1e9, temperature=1.0,
-                          precision=precision, warn=lambda *_: None)
+    targets = Targets(advantages, batch.completion_mask.float(), logp_old)
+    stats = policy_update(policy, optimizer, batch, targets, specs.loss, specs.optim, Passes(precision=precision),
+                          warn=lambda *_: None)
     return stats, optimizer
 
 
@@ -37,14 +42,15 @@ def test_resolve_precision():
         resolve_precision("bf16", "cpu")  # pure-bf16 training is not offered
 
 
-def test_bf16_mixed_moves_fp32_master_weights_at_a_tiny_learning_rate(tiny_vlm_path):
+def test_bf16_mixed_moves_fp32_master_weights_at_a_tiny_learning_rate(tiny_vlm_path, update_specs):
     processor = load_processor(tiny_vlm_path)
     policy = load_model(tiny_vlm_path, "cpu", torch.float32).train()
     rollout_model = make_rollout_model(policy, "cpu", inference_dtype("bf16-mixed"))
     assert rollout_model is not policy and next(rollout_model.parameters()).dtype == torch.bfloat16
     batch = rollout_batch(rollout_model, processor)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    stats, optimizer = one_update(policy, rollout_model, batch, "bf16-mixed", torch.linspace(-1, 1, len(batch)))
+    stats, optimizer = one_update(policy, rollout_model, batch, "bf16-mixed", torch.linspace(-1, 1, len(batch)),
+                                  update_specs)
     assert stats["updates"] == 1
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in policy.named_parameters())
     total = sum(p.numel() for p in policy.parameters())
@@ -61,16 +67,16 @@ def test_bf16_mixed_moves_fp32_master_weights_at_a_tiny_learning_rate(tiny_vlm_p
     assert stats["logp_mismatch"] > 1e-5
 
 
-def test_logp_mismatch_is_zero_for_one_fp32_model(tiny_vlm_path):
+def test_logp_mismatch_is_zero_for_one_fp32_model(tiny_vlm_path, update_specs):
     processor = load_processor(tiny_vlm_path)
     policy = load_model(tiny_vlm_path, "cpu", torch.float32).train()
     assert make_rollout_model(policy, "cpu", inference_dtype("fp32")) is policy  # the policy generates itself
     batch = rollout_batch(policy, processor, seed=1)
-    stats, _ = one_update(policy, policy, batch, "fp32", torch.linspace(-1, 1, len(batch)))
+    stats, _ = one_update(policy, policy, batch, "fp32", torch.linspace(-1, 1, len(batch)), update_specs)
     assert stats["logp_mismatch"] < 1e-6
 
 
-def test_bf16_mixed_loss_agrees_with_fp32(tiny_vlm_path):
+def test_bf16_mixed_loss_agrees_with_fp32(tiny_vlm_path, update_specs):
     processor = load_processor(tiny_vlm_path)
     reference = load_model(tiny_vlm_path, "cpu", torch.float32)
     batch = rollout_batch(reference, processor, seed=2)
@@ -78,7 +84,7 @@ def test_bf16_mixed_loss_agrees_with_fp32(tiny_vlm_path):
     results = {}
     for precision in ("fp32", "bf16-mixed"):
         policy = load_model(tiny_vlm_path, "cpu", torch.float32).train()
-        results[precision], _ = one_update(policy, reference, batch, precision, advantages, lr=0.0)
+        results[precision], _ = one_update(policy, reference, batch, precision, advantages, update_specs, lr=0.0)
     fp32, mixed = results["fp32"], results["bf16-mixed"]
     assert fp32["loss"] == pytest.approx(-1.0, abs=1e-5)  # ratio 1 in fp32
     assert mixed["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and mixed["loss"] != fp32["loss"]

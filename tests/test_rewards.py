@@ -1,11 +1,13 @@
 """The accuracy reward by answer type: letters and words exactly, everything else by mathematical equivalence."""
 
+import dataclasses
 import time
 
 import pytest
 
-import utils.rewards as rewards
-from utils.rewards import accuracy_reward, extract_answer, gold_answer, solution_answer
+import data.answers as answers
+from data.answers import extract_answer, gold_answer, solution_answer
+from utils.rewards import accuracy_reward, score_completions
 
 THINK = "<think>reasoning</think>"
 
@@ -32,9 +34,13 @@ THINK = "<think>reasoning</think>"
     # no marked answer, or the last one counts
     ("the answer is 3", "3", False), ("Answer: 2 ... no wait, Answer: 3", "3", True),
 ])
-def test_accuracy_by_answer_type(completion, solution, right):
+def test_accuracy_by_answer_type(completion, solution, right, specs):
     assert accuracy_reward(THINK + completion, solution) == (1.0 if right else 0.0)
-    assert accuracy_reward(THINK + completion, solution, negative=True) == (1.0 if right else -1.0)
+    # NEGATIVE_ACCURACY_REWARD: score_completions makes it +1/-1.
+    negative = dataclasses.replace(specs.rewards, negative_accuracy=True)
+    scores = score_completions([THINK + completion], [solution], [1], negative.at(1), negative,
+                               specs.rollout.max_new_tokens)
+    assert scores["accuracy"] == [1.0 if right else -1.0]
 
 
 def test_extract_answer():
@@ -58,7 +64,7 @@ def test_cheap_check_leaves_math_parsing_to_use_time():
 
 
 def test_a_pathological_expression_cannot_hang_a_step(monkeypatch):
-    monkeypatch.setattr(rewards, "MATH_TIMEOUT_S", 1)
+    monkeypatch.setattr(answers, "MATH_TIMEOUT_S", 1)
     start = time.time()
     assert accuracy_reward("Answer: 9^{9^{9^{9^{9}}}}", "3") == 0.0
     assert time.time() - start < 5

@@ -13,10 +13,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_KEYS = [
-    "step", "reward/total/mean", "reward/accuracy/mean", "reward/format/mean", "policy/loss", "policy/entropy",
-    "policy/clip_frac_low", "policy/clip_frac_high", "policy/kl", "response/length/mean",
-    "response/truncated_frac", "dapo/gen_batches", "dapo/kept_group_frac", "perf/step_s", "perf/tokens_per_s",
+    "step", "reward/total/mean", "reward/accuracy/mean", "reward/format/mean", "response/length/mean",
+    "response/truncated_frac", "dapo/gen_batches", "dapo/kept_group_frac", "dapo/train_groups", "perf/step_s",
+    "perf/tokens_per_s",
 ]
+UPDATE_KEYS = ["policy/loss", "policy/entropy", "policy/clip_frac_low", "policy/clip_frac_high", "policy/kl"]
 
 
 ATTENTION_KEYS = [f"attention/{stage}/{metric}" for stage in ("early", "middle", "late", "all")
@@ -43,18 +44,22 @@ def check_run_folder(run_dir, script):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
-        missing = [k for k in REQUIRED_KEYS if k not in row]
+        # A step whose sampling found no informative group (dynamic sampling) has no update and no update metrics:
+        # which steps those are depends on the machine's numerics, so each row is checked for what it must hold.
+        trained = row["dapo/train_groups"] > 0
+        missing = [k for k in REQUIRED_KEYS + (UPDATE_KEYS if trained else []) if k not in row]
         assert not missing, f"{script}: missing {missing}"
+        assert trained or not any(k in row for k in UPDATE_KEYS)
         assert 0.0 <= row["eval/accuracy"] <= 1.0 and 0.0 <= row["eval/format"] <= 1.0
-        assert row["policy/entropy"] is None or row["policy/entropy"] >= 0
+        assert row.get("policy/entropy") is None or row["policy/entropy"] >= 0
         assert row["perf/step_s"] > 0 and row["perf/tokens_per_s"] > 0
     assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0
-    for row in rows[1:]:  # attention metrics are on by default: every stage and metric, finite
+    for row in (r for r in rows[1:] if r["dapo/train_groups"]):  # attention metrics are on by default
         for key in ATTENTION_KEYS:
             assert math.isfinite(row[key]), key
         assert row["attention/text_only_count"] == 0 and row["attention/vision_tokens"] == 16
         assert row["attention/all/mdi"] == pytest.approx(row["attention/all/aei_text"] / row["attention/all/aei_vision"])
-    check_markdown_logs(run_dir)
+    check_markdown_logs(run_dir, [r["step"] for r in rows[1:] if r["dapo/train_groups"]])
     assert os.path.getsize(os.path.join(run_dir, "plots", "training_metrics.png")) > 10_000
     return config, rows
 
@@ -71,21 +76,27 @@ def table_rows(markdown, header):
     return rows
 
 
-def check_markdown_logs(run_dir):
-    """The four markdown logs exist, have one entry per logged step, and their tables hold finite numbers."""
+def check_markdown_logs(run_dir, trained_steps):
+    """The four markdown logs exist, have one entry per logged step, and their tables hold finite numbers; the entry
+    of a step with an update shows its attention (a step without one, which dynamic sampling may leave on some
+    machines, shows every completion sampled and no attention)."""
     read = lambda name: open(os.path.join(run_dir, name)).read()  # noqa: E731
     results = read("rollout_results.md")
     assert results.count("## Step ") == 2  # LOG_EVERY=1, 2 steps
-    summary = dict(table_rows(results, "| Metric | Value |"))
-    assert list(summary) == ["Accuracy", "Format", "MDI", "Total reward", "Success rate", "Completions"]
-    for key in ("Accuracy", "Format", "Total reward"):
-        mean, std = (float(x) for x in summary[key].split(" ± "))
-        assert math.isfinite(mean) and math.isfinite(std) and std >= 0
-    mdi = summary["MDI"].split(" (")[0].split(" ± ")
-    assert all(math.isfinite(float(x)) for x in mdi) and float(mdi[0]) > 0
-    stages = table_rows(results, "| Stage | MDI mean | MDI std | AEI text | AEI vision |")
-    assert [row[0] for row in stages] == ["Early", "Middle", "Late", "All"]
-    assert all(math.isfinite(float(x)) for row in stages for x in row[1:])
+    for step, entry in enumerate(results.split("## Step ")[1:], 1):
+        summary = dict(table_rows(entry, "| Metric | Value |"))
+        assert list(summary) == ["Accuracy", "Format", "MDI", "Total reward", "Success rate", "Completions"]
+        for key in ("Accuracy", "Format", "Total reward"):
+            mean, std = (float(x) for x in summary[key].split(" ± "))
+            assert math.isfinite(mean) and math.isfinite(std) and std >= 0
+        if step not in trained_steps:
+            assert summary["MDI"] == "off"
+            continue
+        mdi = summary["MDI"].split(" (")[0].split(" ± ")
+        assert all(math.isfinite(float(x)) for x in mdi) and float(mdi[0]) > 0
+        stages = table_rows(entry, "| Stage | MDI mean | MDI std | AEI text | AEI vision |")
+        assert [row[0] for row in stages] == ["Early", "Middle", "Late", "All"]
+        assert all(math.isfinite(float(x)) for row in stages for x in row[1:])
     image = re.search(r"!\[[^\]]*\]\(([^)]+)\)", results).group(1)
     assert os.path.getsize(os.path.join(run_dir, image)) > 100
     tokens = dict(table_rows(read("attention_diagnostics.md"), "| Tokens | Mean ± std |"))
@@ -95,8 +106,10 @@ def check_markdown_logs(run_dir):
     assert weights.count("## Step ") == 2 and "advantage" in weights and "<think>" in weights
     terminal = read("run_terminal.md")
     assert "## Config" in terminal and "TOTAL_STEPS" in terminal and "### Step 2" in terminal
-    assert "**Rewards**" in terminal and "**Policy**" in terminal and "**Attention**" in terminal
-    assert os.path.getsize(os.path.join(run_dir, "plots", "attention_mdi.png")) > 10_000
+    assert "**Rewards**" in terminal
+    if trained_steps:
+        assert "**Policy**" in terminal and "**Attention**" in terminal
+        assert os.path.getsize(os.path.join(run_dir, "plots", "attention_mdi.png")) > 10_000
 
 
 def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
@@ -107,14 +120,14 @@ def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
     for row in rows[1:]:  # one round of 3 prompts x 4, then at most 2 top-up rounds of one completion per group
         assert 1 <= row["dapo/gen_batches"] <= 3 and 0 <= row["dapo/topup_samples"] <= 3 * 2
         assert row["dapo/train_groups"] == round(3 * row["dapo/kept_group_frac"])
-    for row in rows[1:]:
+    for row in (r for r in rows[1:] if r["dapo/train_groups"]):
         assert -0.5 <= row["reward/mdi/mean"] <= 0.5
         assert row["policy/token_weight_mean"] == pytest.approx(1.0, abs=1e-4)
         assert 0.2 - 1e-5 <= row["policy/token_weight_min"] <= row["policy/token_weight_max"] <= 3.0 + 1e-5
     weights_log = open(os.path.join(dapo_dir, "token_weights.md")).read()
     assert "Token weights: each word shows" in weights_log
     assert re.search(r"shapes\(\d\.\d\d\)", weights_log)  # e.g. "shapes(1.85)"
-    assert config["KL_BETA"] == 0.0 and all(r["policy/kl"] in (0.0, None) for r in rows[1:])
+    assert config["KL_BETA"] == 0.0 and all(r.get("policy/kl") in (0.0, None) for r in rows[1:])
 
     # The checkpoint loads with transformers directly ...
     checkpoint = os.path.join(dapo_dir, "checkpoints", "step_2")
@@ -124,7 +137,8 @@ def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
     assert os.path.isfile(os.path.join(checkpoint, "model.safetensors"))
     trained = dict(model.named_parameters())
     original = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm_path)
-    assert any(not torch.equal(p, trained[n]) for n, p in original.named_parameters())
+    moved = any(not torch.equal(p, trained[n]) for n, p in original.named_parameters())
+    assert moved == any(row.get("policy/updates") for row in rows[1:])  # the weights move iff a step updated them
 
     # ... and as the starting point of a GRPO run (with a reference model: β = 0.04), here with the replay
     # buffer, dual clip and two-stage rewards (format weighs 2 in step 1, 1 after).
@@ -171,7 +185,8 @@ def test_ppo_two_steps(tmp_path):
     assert "**Critic**" in open(os.path.join(ppo_dir, "run_terminal.md")).read()
 
 
-@pytest.mark.parametrize("script, extra", [("dapo.py", ()), ("grpo.py", ()),
+# DAPO without dynamic sampling: every group is trained on, so an update is certain whatever the machine samples.
+@pytest.mark.parametrize("script, extra", [("dapo.py", ("--DYNAMIC_SAMPLING=False",)), ("grpo.py", ()),
                                            ("ppo.py", ("--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6",
                                                        "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False"))])
 def test_bf16_mixed_on_cpu(tiny_vlm_path, tmp_path, script, extra):
@@ -181,7 +196,7 @@ def test_bf16_mixed_on_cpu(tiny_vlm_path, tmp_path, script, extra):
     assert json.load(open(os.path.join(run_dir, "config.json")))["PRECISION"] == "bf16-mixed"
     assert "in bf16-mixed, generation by a torch.bfloat16 copy" in open(os.path.join(run_dir, "run_terminal.md")).read()
     trained = [r for r in rows[1:] if r.get("policy/updates")]
-    assert trained, "no step trained"
+    assert len(trained) == 2, "every step trains without dynamic sampling"
     for row in trained:  # the bf16 copy computed π_old, the fp32 policy under autocast the update
         assert 0 < row["policy/logp_mismatch"] < 0.1 and math.isfinite(row["policy/loss"])
         assert row["policy/skipped_updates"] == 0 and 0 <= row["eval/accuracy"] <= 1

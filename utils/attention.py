@@ -197,6 +197,8 @@ def sample_metrics(masses, completion_mask, n_text, n_vision, exclude_sink=True)
 
 
 def geometric_mean(values):
+    """Geometric mean of the finite positive entries of the tensor `values`, in its dtype (NaN when there are
+    none)."""
     values = values[torch.isfinite(values) & (values > 0)]
     return values.log().mean().exp().item() if len(values) else float("nan")
 
@@ -280,6 +282,18 @@ def mdi_reward(mdi, group_sizes, eps=1e-6):
             reward[valid] = 0.5 * torch.tanh((median - row[valid]) / (1.4826 * mad + eps))
         out.append(reward)
     return torch.cat(out)
+
+
+def add_mdi_reward(batch, attention, weight, pool):
+    """The MDI reward (W_MDI = `weight`; 0: nothing happens): each completion's group-relative reward from its
+    MDI (mdi_reward over batch.group_sizes), stored as batch.rewards["mdi"] and added, weighted, to
+    batch.rewards["total"]. attention: the per-sample metrics of attention_summary; pool: as there.
+    Returns {"reward/mdi/mean": mean over the rows of every rank}, or {} with weight 0."""
+    if not weight:
+        return {}
+    batch.rewards["mdi"] = mdi_reward(attention["all"]["mdi"], batch.group_sizes)
+    batch.rewards["total"] = batch.rewards["total"] + weight * batch.rewards["mdi"]
+    return {"reward/mdi/mean": pool(batch.rewards["mdi"]).mean().item()}
 
 
 def prompt_token_counts(prompt_inputs, image_token_id):

@@ -35,19 +35,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
+from utils import layout
 from utils.distributed import all_reduce_max, barrier, current_world, gather_full_state_dict, is_distributed
+from utils.specs import resumable_constants
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "run_config.json"  # not config.json: save_pretrained writes the model's config there
-# Constants a resumed run may change: they change what is logged, kept, or where, not the run's numbers.
-# TOTAL_STEPS extends (or shortens) the run; with LR_SCHEDULE="cosine" it also re-plans the remaining decay.
-# MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, the devices and CPU_THREADS trade memory or speed for rounding only.
-RESUMABLE = ("RESUME", "RESUME_OVERRIDES", "TOTAL_STEPS", "EVAL_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS",
-             "LOG_EVERY", "LOG_SAMPLES", "PLOT_EVERY", "COMPARE_WITH", "RUNS_DIR", "REPORT_TO", "MODEL_CACHE_DIR",
-             "CPU_THREADS", "MICRO_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "POLICY_DEVICE", "ROLLOUT_DEVICE")
-
-
 def warn(message):
     tqdm.write(f"WARNING: {message}")
 
@@ -72,7 +66,8 @@ def critic_modules(critic, policy):
     """PPO's critic without what the policy's weights already hold: {"head": ..., "backbone": ... when separate}."""
     if critic is None:
         return {}
-    return {"head": critic.head, **({"backbone": critic.backbone} if critic.backbone is not policy.model else {})}
+    separate = critic.backbone is not layout.backbone(policy)
+    return {"head": critic.head, **({"backbone": critic.backbone} if separate else {})}
 
 
 def write_weights(path, model, processor, state_dict=None):
@@ -243,7 +238,7 @@ def overridden_keys(argv):
 
 def resumed_config(checkpoint, config, argv):
     """The config a resumed run continues with: the one saved with `checkpoint`, plus the constants given in argv
-    (already applied to `config`). Constants outside RESUMABLE and RESUME_OVERRIDES that would change the saved
+    (already applied to `config`). Constants that are not resumable (utils/specs.py) or named in RESUME_OVERRIDES that would change the saved
     value are refused with a ValueError naming them. Constants the saved config lacks take their current value."""
     with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
         saved = json.load(f)
@@ -251,7 +246,7 @@ def resumed_config(checkpoint, config, argv):
     insisted = {k.strip() for k in config.get("RESUME_OVERRIDES", "").split(",") if k.strip()}
     same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (tuple == list)
     changed = [k for k in given if k in saved and not same(config[k], saved[k])]
-    refused = [k for k in changed if k not in RESUMABLE and k not in insisted]
+    refused = [k for k in changed if k not in resumable_constants() and k not in insisted]
     if refused:
         raise ValueError(f"resuming from {checkpoint}: {', '.join(refused)} would change the run "
                          f"({', '.join(f'{k}={saved[k]!r} -> {config[k]!r}' for k in refused)}). Drop them, or accept "

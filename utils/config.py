@@ -1,4 +1,5 @@
-"""Trainer constants as a config: collected from a trainer module, overridden by validated `--KEY=value` flags."""
+"""Trainer constants as a config: collected from a trainer module, overridden by validated `--KEY=value` flags;
+the command line (`--help`, one-line errors). Their domains are checked by utils/specs.py."""
 
 import ast
 import difflib
@@ -80,83 +81,6 @@ def format_config(config):
     width = max(len(k) for k in config)
     shown = {k: repr(v) if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
     return "\n".join(f"  {k:<{width}} = {v}" for k, v in shown.items())
-
-
-CHOICES = {"LOSS_AGGREGATION": ("token", "sample"), "LR_SCHEDULE": ("constant", "cosine"),
-           "VGR_LAYERS": ("early", "middle", "late", "all"), "DYNAMIC_SAMPLING_MODE": ("refill", "topup"),
-           "PRECISION": ("auto", "bf16-mixed", "fp32")}
-AT_LEAST = {"GROUP_SIZE": 1, "TRAIN_BATCH_PROMPTS": 1, "TOTAL_STEPS": 1, "MAX_GEN_BATCHES": 1, "PPO_EPOCHS": 1,
-            "MINI_BATCHES": 1, "MICRO_BATCH_SIZE": 1, "MAX_NEW_TOKENS": 1, "EVAL_EVERY": 1, "EVAL_SAMPLES": 1,
-            "REPLAY_BUFFER_SIZE": 0, "REWARD_SWITCH_STEP": 0, "CRITIC_WARMUP_STEPS": 0, "VF_COEF": 0.0,
-            "CLIP_RANGE_VALUE": 0.0, "KL_COEF": 0.0, "MAX_PROMPT_TOKENS": 0,
-            "MIN_PIXELS": 0, "MAX_PIXELS": 0}
-REWARD_NAMES = ("accuracy", "format", "mdi")
-
-
-def check_values(config, min_group_size=2):
-    """Raise ValueError for values of the right type but outside what the trainers accept.
-
-    min_group_size: 2 for the group-relative trainers (GRPO, DAPO), 1 for PPO (its critic is the baseline)."""
-    for key, allowed in CHOICES.items():
-        if key in config and config[key] not in allowed:
-            raise ValueError(f"{key}={config[key]!r}: expected one of {', '.join(map(repr, allowed))}")
-    for key, low in {**AT_LEAST, "GROUP_SIZE": min_group_size}.items():
-        if key in config and config[key] < low:
-            why = " (group advantages need at least two completions)" if key == "GROUP_SIZE" else ""
-            raise ValueError(f"{key}={config[key]}: must be at least {low}{why}")
-    early_mdi = config.get("REWARD_SWITCH_STEP") and config.get("REWARD_WEIGHTS_EARLY", {}).get("mdi")
-    group_only = [k for k in ("DYNAMIC_SAMPLING", "W_MDI", "REPLAY_BUFFER_SIZE") if config.get(k)]
-    group_only += ["REWARD_WEIGHTS_EARLY['mdi']"] if early_mdi else []
-    if config.get("GROUP_SIZE", 2) < 2 and group_only:
-        raise ValueError(f"{', '.join(group_only)} compare the completions of a prompt: they need GROUP_SIZE >= 2")
-    if config.get("DYNAMIC_SAMPLING_MODE") == "topup" and config["MAX_DYNAMIC_SAMPLES"] <= config["GROUP_SIZE"]:
-        raise ValueError("MAX_DYNAMIC_SAMPLES must exceed GROUP_SIZE: top-up sampling adds completions to a group "
-                         "of GROUP_SIZE until it holds MAX_DYNAMIC_SAMPLES")
-    if config.get("DUAL_CLIP_C") and config["DUAL_CLIP_C"] <= 1:
-        raise ValueError(f"DUAL_CLIP_C={config['DUAL_CLIP_C']}: the dual-clip bound must be above 1 (e.g. 3.0), "
-                         "or 0 for off")
-    unknown = set(config.get("REWARD_WEIGHTS_EARLY", {})) - set(REWARD_NAMES)
-    if unknown:
-        raise ValueError(f"REWARD_WEIGHTS_EARLY: unknown reward {', '.join(sorted(unknown))}; expected keys among "
-                         f"{', '.join(REWARD_NAMES)}")
-    if not 0 <= config.get("REPLAY_MAX_SUCCESS_RATE", 1.0) <= 1:
-        raise ValueError("REPLAY_MAX_SUCCESS_RATE is a fraction of correct completions: between 0 and 1")
-    if config.get("OVERLONG_BUFFER", 0) > config.get("MAX_NEW_TOKENS", 1):
-        raise ValueError("OVERLONG_BUFFER must not exceed MAX_NEW_TOKENS")
-    needs_attention = config.get("USE_TOKEN_WEIGHTS") or config.get("W_MDI") or early_mdi
-    if needs_attention and not config.get("ATTENTION_METRICS", True):
-        raise ValueError("USE_TOKEN_WEIGHTS and the MDI reward (W_MDI) need ATTENTION_METRICS=True")
-    if not 0 < config.get("TOKEN_WEIGHT_MIN", 0.2) <= 1 <= config.get("TOKEN_WEIGHT_MAX", 3.0):
-        raise ValueError("token weight bounds must satisfy 0 < TOKEN_WEIGHT_MIN <= 1 <= TOKEN_WEIGHT_MAX")
-    ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
-    if config.get("TRAIN_BATCH_PROMPTS", ranks) < ranks:
-        raise ValueError(f"TRAIN_BATCH_PROMPTS={config['TRAIN_BATCH_PROMPTS']} is the global batch, split over the "
-                         f"{ranks} torchrun processes: it needs at least one prompt per process")
-    check_paths(config)
-    if "REPORT_TO" in config:
-        from utils.trackers import tracker_names
-
-        tracker_names(config["REPORT_TO"])
-
-
-def check_paths(config):
-    """ValueError for a model or data path that looks local but does not exist (hub names are left to the hub), or
-    a local model folder of a type the trainers do not support."""
-    from data import check_source
-
-    model = config.get("MODEL_NAME_OR_PATH", "")
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
-    if model and model != "embedded-tiny-vlm" and looks_local and not os.path.exists(model):
-        raise ValueError(f"MODEL_NAME_OR_PATH={model!r}: no such folder (and not a hub name like "
-                         f"'Qwen/Qwen2.5-VL-3B-Instruct')")
-    if model and os.path.isdir(model):  # a local checkpoint: is it a model type the trainers support?
-        from utils.model import model_class_for
-
-        model_class_for(model, config.get("TRUST_REMOTE_CODE", False))
-    if config.get("DATASET", "synthetic") != "synthetic":
-        check_source(config["DATASET"], "DATASET")
-    if config.get("EVAL_DATASET") and config["EVAL_DATASET"] != "synthetic":
-        check_source(config["EVAL_DATASET"], "EVAL_DATASET")
 
 
 # ── Command line ──

@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from utils import layout
+
 
 @dataclass(frozen=True)
 class World:
@@ -51,7 +53,7 @@ def init_distributed():
     process group."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
@@ -278,7 +280,7 @@ def _shard_backbone(backbone, precision, extra=None):
     """fully_shard each vision block and text decoder layer of a Qwen-VL backbone, then the backbone itself as the
     root unit (with `extra`'s parameters, a module outside it that must share the root: the lm_head)."""
     kwargs = _fsdp_kwargs(precision)
-    for unit in list(backbone.visual.blocks) + list(backbone.language_model.layers):
+    for unit in layout.vision_blocks(backbone) + layout.decoder_layers(backbone):
         fully_shard(unit, **kwargs)
     if extra is not None:  # registered under the backbone while the root is built, its weights join the root unit
         backbone.add_module("sharded_extra", extra)
@@ -290,12 +292,12 @@ def _shard_backbone(backbone, precision, extra=None):
 def shard_model(model, precision):
     """Shard a Qwen-VL policy with FSDP2, in place; returns it.
 
-    One FSDP unit per vision block and per text decoder layer, and the root unit: the backbone `model.model`
-    with the rest of its parameters *and* `model.lm_head`'s (tied to the token embedding in the tiny VLM and in
-    Qwen2.5-VL-3B, so they must share a unit; untied, it is one more parameter of the root). Our code calls
-    `model.model(...)` and then `model.lm_head` itself (utils/logprobs.py, PPO's shared critic), so the backbone
-    must be the root: its hooks run on that call, and a root keeps its parameters gathered from its forward to
-    the end of the backward, which is when lm_head runs. (`model(...)`, e.g. generate(), works too.)
+    One FSDP unit per vision block and per text decoder layer, and the root unit: the backbone (utils/layout.py)
+    with the rest of its parameters *and* the lm_head's (tied to the token embedding in the tiny VLM and in
+    Qwen2.5-VL-3B, so they must share a unit; untied, it is one more parameter of the root). Our code calls the
+    backbone and then the lm_head itself (utils/logprobs.py, PPO's shared critic), so the backbone must be the
+    root: its hooks run on that call, and a root keeps its parameters gathered from its forward to the end of the
+    backward, which is when lm_head runs. (`model(...)`, e.g. generate(), works too.)
     Sharded parameters, gradients and so AdamW state stay fp32; precision "bf16-mixed" computes in bf16 and
     reduces gradients in fp32. Gradients are summed over ranks (not averaged): policy_update divides the loss by
     global counts. In one process the model is returned as it is.
@@ -305,7 +307,7 @@ def shard_model(model, precision):
     model.float()
     # lm_head sits outside the backbone; FSDP swaps its weight (sharded / gathered) on lm_head as on every module
     # that holds it.
-    _shard_backbone(model.model, precision, extra=model.lm_head)
+    _shard_backbone(layout.backbone(model), precision, extra=layout.lm_head(model))
     _sum_gradients(model)
     return model
 
@@ -316,7 +318,7 @@ def shard_critic(critic, policy, precision):
     sharded. In one process the critic is returned as it is."""
     if not is_distributed():
         return critic
-    if critic.backbone is not policy.model:
+    if critic.backbone is not layout.backbone(policy):
         _shard_backbone(critic.backbone, precision)
     fully_shard(critic.head)  # fp32 always: the head runs outside autocast
     _sum_gradients(critic)

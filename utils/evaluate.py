@@ -1,4 +1,4 @@
-"""Held-out evaluation: greedy accuracy and format rate."""
+"""Held-out evaluation: greedy decoding, scored by every reward of utils.rewards.REWARDS."""
 
 import warnings
 from collections import defaultdict
@@ -8,17 +8,19 @@ import torch
 from data import example_name, usable_example
 from data.prompts import encode_prompts
 from utils.distributed import all_reduce_sum, gather_objects, rank_share
-from utils.rewards import accuracy_reward, format_reward
+from utils.generation import Decoding
+from utils.rewards import REWARDS
 from utils.rollout import generate
 
 
 @torch.no_grad()
-def evaluate(model, processor, dataset, n_samples, max_new_tokens, batch_size, suppress_ids=()):
-    """Greedy decoding on the first `n_samples` examples of `dataset`.
+def evaluate(model, processor, dataset, n_samples, rollout, suppress_ids=()):
+    """Greedy decoding (at most rollout.max_new_tokens tokens, rollout.generation_batch_size sequences at once) on
+    the first `n_samples` examples of `dataset`, each completion scored by every reward of REWARDS.
 
     Examples that cannot be used (undecodable, rejected by the processor) are skipped with a warning.
-    Returns {"eval/accuracy", "eval/format"} and, when examples carry a "kind", "eval/accuracy/<kind>".
-    Under torchrun each rank scores its share of the examples and the counts are summed.
+    Returns {"eval/<reward>"} (the mean: "eval/accuracy", "eval/format") and, when examples carry a "kind",
+    "eval/accuracy/<kind>". Under torchrun each rank scores its share of the examples and the sums are summed.
     """
     examples = []
     for i in rank_share(range(min(n_samples, len(dataset)))):
@@ -31,18 +33,19 @@ def evaluate(model, processor, dataset, n_samples, max_new_tokens, batch_size, s
         raise ValueError(f"none of the first {n_samples} held-out examples can be used (see the warnings)")
     was_training = model.training
     model.eval()
-    correct, formatted, by_kind = [], [], defaultdict(list)
-    texts = generate(model, processor, examples, 1, max_new_tokens, greedy=True, suppress_ids=suppress_ids,
-                     batch_size=batch_size, desc="eval (greedy)").texts if examples else []
-    for ex, text in zip(examples, texts):
-        correct.append(accuracy_reward(text, ex["solution"]))
-        formatted.append(format_reward(text))
-        if "kind" in ex:
-            by_kind[ex["kind"]].append(correct[-1])
+    decoding = Decoding(rollout.max_new_tokens, greedy=True, suppress_ids=suppress_ids)
+    texts = generate(model, processor, examples, 1, decoding, rollout.generation_batch_size,
+                     desc="eval (greedy)").texts if examples else []
     model.train(was_training)
+    scores = {name: [reward(t, ex["solution"]) for ex, t in zip(examples, texts)] for name, reward in REWARDS.items()}
+    by_kind = defaultdict(list)
+    for ex, correct in zip(examples, scores["accuracy"]):
+        if "kind" in ex:
+            by_kind[ex["kind"]].append(correct)
     kinds = sorted({k for rank_kinds in gather_objects(sorted(by_kind)) for k in rank_kinds})  # of every rank
-    n, n_correct, n_formatted, *per_kind = all_reduce_sum(
-        [len(correct), sum(correct), sum(formatted)] + [x for k in kinds for x in (len(by_kind[k]), sum(by_kind[k]))])
-    metrics = {"eval/accuracy": n_correct / n, "eval/format": n_formatted / n}
+    n, *sums = all_reduce_sum([len(examples)] + [sum(v) for v in scores.values()]
+                              + [x for k in kinds for x in (len(by_kind[k]), sum(by_kind[k]))])
+    metrics = {f"eval/{name}": total / n for name, total in zip(scores, sums)}
+    per_kind = sums[len(scores):]
     metrics.update({f"eval/accuracy/{k}": per_kind[2 * i + 1] / per_kind[2 * i] for i, k in enumerate(kinds)})
     return metrics

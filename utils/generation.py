@@ -11,7 +11,23 @@ later forward pass computes. They are passed explicitly at every step, so the mo
 transformers keeps between a prefill and its decode steps) is neither read nor written.
 """
 
+from dataclasses import dataclass
+
 import torch
+
+from utils import layout
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How completions are decoded: at most max_new_tokens tokens; logits / temperature, `suppress_ids` never
+    sampled, then nucleus (top_p) sampling — or the argmax when `greedy`."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    suppress_ids: tuple = ()
 
 
 def prompt_positions(backbone, prompt_inputs):
@@ -45,34 +61,32 @@ def top_p_filter(scores, top_p):
 
 
 @torch.no_grad()
-def sample_completions(model, prompt_inputs, group_size, max_new_tokens, *, temperature=1.0, top_p=1.0, greedy=False,
-                       suppress_ids=(), eos_ids, pad_id, generator=None):
+def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, pad_id, generator=None):
     """`group_size` completions for each of the B distinct prompts of `prompt_inputs`, with one image encoding and
-    one prefill per prompt.
+    one prefill per prompt, decoded as `decoding` says (a Decoding).
 
-    prompt_inputs: processor batch [B, P], left-padded (on any device; moved to the model's). Sampling: logits /
-    temperature, `suppress_ids` never sampled, then top-p; `greedy` takes the argmax instead. `generator` drives
+    prompt_inputs: processor batch [B, P], left-padded (on any device; moved to the model's). `generator` drives
     the sampling (None: torch's global generator).
     Returns completion_ids [B*G, L] (the G rows of a prompt contiguous; pad_id after the first end token; L the
-    longest completion, at most max_new_tokens) and logprobs [B*G, L] fp32: the log-prob of each sampled token
-    under log_softmax(logits / temperature), before suppression and top-p, i.e. what a teacher-forced pass
+    longest completion, at most decoding.max_new_tokens) and logprobs [B*G, L] fp32: the log-prob of each sampled
+    token under log_softmax(logits / temperature), before suppression and top-p, i.e. what a teacher-forced pass
     (utils.logprobs.completion_logprobs) computes; 0 after the end token.
     """
     if model.training:  # transformers drops the KV cache of a checkpointed layer in training mode; sample in eval
         model.eval()
         try:
-            return sample_completions(model, prompt_inputs, group_size, max_new_tokens, temperature=temperature,
-                                      top_p=top_p, greedy=greedy, suppress_ids=suppress_ids, eos_ids=eos_ids,
-                                      pad_id=pad_id, generator=generator)
+            return sample_completions(model, prompt_inputs, group_size, decoding, eos_ids=eos_ids, pad_id=pad_id,
+                                      generator=generator)
         finally:
             model.train()
+    max_new_tokens, temperature, top_p = decoding.max_new_tokens, decoding.temperature, decoding.top_p
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompt_inputs.items()}
-    backbone = model.model
+    backbone, lm_head = layout.backbone(model), layout.lm_head(model)
     positions, next_position = prompt_positions(backbone, inputs)  # [3, B, P], [B]
     out = backbone(**inputs, position_ids=positions, use_cache=True)
     cache = out.past_key_values
-    logits = model.lm_head(out.last_hidden_state[:, -1])  # [B, V]
+    logits = lm_head(out.last_hidden_state[:, -1])  # [B, V]
 
     # Each prompt's cache, logits and position to its G rows.
     cache.batch_repeat_interleave(group_size)
@@ -81,7 +95,7 @@ def sample_completions(model, prompt_inputs, group_size, max_new_tokens, *, temp
     next_position = next_position.repeat_interleave(group_size, 0)  # [N]
     n = logits.shape[0]
     eos = torch.tensor(list(eos_ids), device=device)
-    suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
+    suppress = torch.tensor(list(decoding.suppress_ids), dtype=torch.long, device=device)
     completion_ids = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, L_max]
     logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)  # [N, L_max]
     alive = torch.arange(n, device=device)  # rows still generating; the cache holds exactly these rows
@@ -92,7 +106,7 @@ def sample_completions(model, prompt_inputs, group_size, max_new_tokens, *, temp
         log_probs = torch.log_softmax(scores, -1)
         if len(suppress):
             scores[:, suppress] = float("-inf")
-        if greedy:
+        if decoding.greedy:
             tokens = scores.argmax(-1)
         else:
             if top_p < 1.0:
@@ -113,6 +127,6 @@ def sample_completions(model, prompt_inputs, group_size, max_new_tokens, *, temp
         position_ids = next_position.view(1, -1, 1).expand(3, -1, 1)  # [3, n_alive, 1]: text, so t = h = w
         out = backbone(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True)
-        logits = model.lm_head(out.last_hidden_state[:, -1])
+        logits = lm_head(out.last_hidden_state[:, -1])
         next_position = next_position + 1
     return completion_ids[:, :length], logprobs[:, :length]

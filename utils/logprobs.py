@@ -1,11 +1,15 @@
 """Teacher-forced per-token log-probs and exact entropy of completions."""
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from utils import layout
 from utils.attention import BucketMasses
+from utils.batch import slice_inputs
 from utils.generation import prompt_positions
-from utils.rollout import slice_inputs
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # fp32 logits of one chunk of logprobs_from_hidden, bytes; sets the chunk length
 
@@ -47,7 +51,7 @@ def fsdp_sharded(module):
 
 def completion_hidden_states(backbone, prompt_inputs, completion_ids, completion_mask):
     """Final hidden states of the last L+1 positions of prompt + completion: position t predicts completion token
-    t (the last one predicts past the end). backbone: the decoder of a Qwen-VL model (`model.model`).
+    t (the last one predicts past the end). backbone: the decoder of a Qwen-VL model (utils.layout.backbone).
 
     Rows that share a prompt (the G completions of a group) share its forward pass: each distinct prompt (image
     encoding included) runs once, its KV cache is copied to its rows, and only the last prompt token and the
@@ -95,8 +99,9 @@ def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_en
     """
     hidden = hidden[:, :-1]  # [b, L, H]; position t predicts token t
     completion_ids = completion_ids.to(hidden.device)
-    weight = model.lm_head.weight.float()  # [V, H]; a no-op for fp32 weights
-    bias = None if model.lm_head.bias is None else model.lm_head.bias.float()
+    head = layout.lm_head(model)
+    weight = head.weight.float()  # [V, H]; a no-op for fp32 weights
+    bias = None if head.bias is None else head.bias.float()
     b, L, _ = hidden.shape
     chunk = max(1, budget_bytes // (b * weight.shape[0] * 4))  # tokens per chunk
 
@@ -126,29 +131,41 @@ def completion_logprobs(model, prompt_inputs, completion_ids, completion_mask, t
     prompt_inputs: processor batch [b, P]; completion_ids, completion_mask: [b, L].
     Returns logp [b, L] and entropy [b, L] (or None). Gradients flow unless called under no_grad.
     """
-    hidden = completion_hidden_states(model.model, prompt_inputs, completion_ids, completion_mask)
+    hidden = completion_hidden_states(layout.backbone(model), prompt_inputs, completion_ids, completion_mask)
     return logprobs_from_hidden(model, hidden, completion_ids, temperature, with_entropy)
 
 
-@torch.no_grad()
-def batched_logprobs(model, prompt_inputs, completion_ids, completion_mask, micro_batch_size, temperature=1.0,
-                     image_token_id=None):
-    """completion_logprobs over a whole batch in micro-batches, without gradients. Returns logp [B, L] on CPU.
+@dataclass(frozen=True)
+class Passes:
+    """How the forward passes of a trainer run: the sampling temperature (log-probs are those of the sampling
+    policy), the precision of a trainable model's passes (utils/precision.py) and the image token id with which the
+    attention bucket masses are recorded (None: attention metrics off)."""
 
-    With `image_token_id`, also the attention bucket masses of the same forward passes (utils/attention.py):
-    returns (logp [B, L], masses [layers, B, L, 4]).
+    temperature: float = 1.0
+    precision: str = "fp32"
+    image_token_id: int | None = None
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch, micro_batch_size, passes=Passes(), record=True):
+    """completion_logprobs over a whole Rollout in micro-batches, without gradients, at passes.temperature.
+
+    Returns (logp [B, L] on CPU, masses): with record and passes.image_token_id, the attention bucket masses of the
+    same forward passes (utils/attention.py) [layers, B, L, 4]; else None. (None, None) when `model` is None (a
+    trainer without a reference model).
     """
+    if model is None:
+        return None, None
+    record = record and passes.image_token_id is not None
     out, masses = [], []
-    for start in range(0, completion_ids.shape[0], micro_batch_size):
+    for start in range(0, len(batch), micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        inputs, ids, mask = slice_inputs(prompt_inputs, rows), completion_ids[rows], completion_mask[rows]
-        if image_token_id is None:
-            logp, _ = completion_logprobs(model, inputs, ids, mask, temperature)
-        else:
-            with BucketMasses(model, inputs, mask, image_token_id) as collector:
-                logp, _ = completion_logprobs(model, inputs, ids, mask, temperature)
+        inputs, ids = slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows]
+        mask = batch.completion_mask[rows]
+        recorder = BucketMasses(model, inputs, mask, passes.image_token_id) if record else contextlib.nullcontext()
+        with recorder as collector:
+            logp, _ = completion_logprobs(model, inputs, ids, mask, passes.temperature)
+        if record:
             masses.append(collector.values.cpu())
         out.append(logp.cpu())
-    if image_token_id is None:
-        return torch.cat(out)
-    return torch.cat(out), torch.cat(masses, 1)
+    return torch.cat(out), torch.cat(masses, 1) if record else None

@@ -19,8 +19,9 @@ import re
 
 import torch
 
+from utils.attention import STAGES, geometric_mean
+
 ATTENTION_OFF = "attention metrics are off in this run"
-STAGES = ("early", "middle", "late", "all")
 STAGE_FIELDS = ("mdi", "aei_text", "aei_vision", "text_ratio", "vision_ratio")
 IMAGE_TOKEN = "<|image_pad|>"
 THUMBNAIL_SIDE = 128
@@ -57,11 +58,6 @@ def mean_std(values):
 def pm(values):
     mean, std = mean_std(values)
     return f"{num(mean)} ± {num(std)}"
-
-
-def geometric_mean(values):
-    vals = [v for v in finite(values) if v > 0]
-    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else math.nan
 
 
 def as_list(values, n):
@@ -175,7 +171,8 @@ def append_rollout_results(path, step, rollout, advantages, n_samples, image_dir
         mdi = "off"
     else:
         mdi_all = [stage_value(attention, i, "all", "mdi") for i in range(n)]
-        mdi = f"{num(geometric_mean(mdi_all))} ± {num(mean_std(mdi_all)[1])} (geometric mean ± std)"
+        mdi_mean = geometric_mean(torch.tensor(mdi_all, dtype=torch.float64))
+        mdi = f"{num(mdi_mean)} ± {num(mean_std(mdi_all)[1])} (geometric mean ± std)"
     out = [f"## Step {step}\n", "| Metric | Value |", "|---|---|",
            f"| Accuracy | {pm(accuracy)} |", f"| Format | {pm(rewards.get('format', []))} |", f"| MDI | {mdi} |",
            f"| Total reward | {pm(rewards.get('total', []))} |",

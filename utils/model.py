@@ -14,6 +14,7 @@ from transformers import (
 )
 from transformers.image_utils import SizeDict
 
+from utils import layout
 from utils.distributed import current_world, full_tensor, is_distributed
 
 EMBEDDED_MODEL = "embedded-tiny-vlm"
@@ -92,8 +93,8 @@ def load_trainable_model(path, device, trust_remote_code=False, gradient_checkpo
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if freeze_vision_tower:
-        model.model.visual.requires_grad_(False)
-        model.model.visual.merger.requires_grad_(True)
+        layout.vision_tower(model).requires_grad_(False)
+        layout.vision_merger(model).requires_grad_(True)
     return model.train()
 
 

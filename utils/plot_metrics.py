@@ -28,7 +28,6 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 DAPO_COLOR, GRPO_COLOR = "tab:blue", "tab:orange"
-STAGES = ("early", "middle", "late", "all")
 DPI = 100
 
 
@@ -197,6 +196,8 @@ def plot_dapo_vs_grpo_comparison(dapo_dir, grpo_dir, out_path):
 
 def plot_attention(run_dir, out_path):
     """MDI by stage over steps (log scale); None, and no file, when the run logged no attention/*/mdi."""
+    from utils.attention import STAGES  # here, not at the top: utils.attention loads transformers (seconds)
+
     records = read_metrics(run_dir)
     keys = {k for r in records for k in r if k.startswith("attention/") and k.endswith("/mdi")}
     if not keys:

@@ -1,132 +1,38 @@
-"""Rewards (SPEC §4): accuracy, format, soft overlong punishment, weighted total.
+"""Rewards (SPEC §4): a table of rewards by name, the soft overlong punishment, the weighted total.
 
-Answers: the last `Answer: X`, `<answer>X</answer>` or `\\boxed{X}` of a completion (or of a solution). A
-solution's answer is one of three kinds, and the accuracy reward compares by kind:
-
-* a letter (multiple choice: `B`, `(B)`, `B.`): the completion's answer must be, or start with, that letter as an
-  option (`B`, `(B) 2`, `B. two`; not `Blue`), case-insensitive;
-* a word (`yes`, `cylinder`): the same word, case-insensitive;
-* anything else (integers, decimals, negatives, fractions, LaTeX): mathematical equivalence, graded by
-  math-verify (as TRL and R1-V do) with a time limit per call, so a pathological expression cannot hang a step.
+REWARDS maps a name to fn(completion, solution) -> float. Each reward's weight is the trainers' W_<NAME>
+constant, and evaluation reports eval/<name> for each. A new reward is one function here, its entry in REWARDS and
+a W_<NAME> constant in the trainers. The MDI reward (W_MDI) is the one reward that is not a function of the text:
+it compares attention to the image within a group (utils.attention.mdi_reward), once the attention is measured.
+The accuracy reward compares a completion's answer with the solution's by kind (letter, word or math): see
+data/answers.py.
 """
 
-import functools
 import re
 
+from data.answers import extract_answer, gold_answer, is_correct
+
 FORMAT_PATTERN = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)
-ANSWER_PATTERNS = (re.compile(r"<answer>(.*?)</answer>", re.DOTALL), re.compile(r"Answer:[ \t]*([^\n]*)"),
-                   re.compile(r"\\boxed\{"))
-LETTER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
-LETTER_FIRST = re.compile(r"\(?([A-Za-z])(?:\)|[.:]|\s|$)")  # "B", "(B) 2", "B. two": the chosen option's letter
-WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
-SENTENCE_WORDS = 3  # a text with this many words of two or more letters is a sentence, not an answer
-MATH_TIMEOUT_S = 3  # seconds per math-verify call (parsing, comparing)
 
 
-def boxed_content(text, start):
-    """The text inside the braces of the `\\boxed{` that ends at `start`, or None if they never close."""
-    depth = 1
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start:i]
-    return None
-
-
-def extract_answer(text):
-    """The last answer marked in `text` — `Answer: X` (to the end of the line), `<answer>X</answer>` or
-    `\\boxed{X}` — with a `\\boxed{}` inside it unwrapped and `$`, spaces and a final full stop stripped;
-    None when nothing is marked."""
-    found = []  # (position, answer)
-    for pattern in ANSWER_PATTERNS:
-        for match in pattern.finditer(text):
-            inner = boxed_content(text, match.end()) if pattern.pattern.startswith("\\\\boxed") else match.group(1)
-            if inner is not None:
-                found.append((match.start(), inner))
-    if not found:
-        return None
-    answer = max(found)[1]
-    boxed = answer.find("\\boxed{")
-    if boxed >= 0:
-        answer = boxed_content(answer, boxed + len("\\boxed{")) or answer
-    answer = answer.strip().strip("$").strip().rstrip(".").strip()
-    return answer or None
-
-
-def answer_kind(answer):
-    """"letter", "word" or "math" by what the (extracted) answer looks like."""
-    if LETTER.fullmatch(answer):
-        return "letter"
-    if WORD.fullmatch(answer):
-        return "word"
-    return "math"
-
-
-@functools.lru_cache(maxsize=65536)
-def parse_math(answer):
-    """math-verify's parse of an answer: a tuple, empty when no expression could be parsed from it (math-verify
-    then returns the bare string only)."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-    text = answer if "$" in answer else f"${answer}$"
-    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-    parsed = tuple(parse(text, extraction_config=config, parsing_timeout=MATH_TIMEOUT_S))
-    return parsed if any(not isinstance(p, str) for p in parsed) else ()
-
-
-def solution_answer(solution):
-    """The answer of a solution (its marked answer, else the whole text) without parsing any math, or None when
-    it has none: empty, or a sentence with no marked answer. Letters come back bare (`(B).` -> `B`)."""
-    if solution is None:
-        return None
-    text = str(solution).strip()
-    marked = any(pattern.search(text) for pattern in ANSWER_PATTERNS)
-    answer = extract_answer(text) if marked else text.strip("$").strip().rstrip(".").strip()
-    if not answer:
-        return None
-    kind = answer_kind(answer)
-    if kind == "letter":
-        return LETTER.fullmatch(answer).group(1)
-    prose = re.sub(r"\\text\{[^}]*\}|\\[A-Za-z]+", " ", answer)
-    if kind == "math" and len(re.findall(r"[A-Za-z]{2,}", prose)) >= SENTENCE_WORDS:
-        return None
-    return answer
-
-
-def gold_answer(solution):
-    """solution_answer, or None also when it is not a letter or a word and math-verify cannot parse it."""
-    answer = solution_answer(solution)
-    if answer is not None and answer_kind(answer) == "math" and not parse_math(answer):
-        return None
-    return answer
-
-
-def is_correct(answer, gold):
-    """Whether a completion's extracted `answer` matches the `gold` answer (see the module docstring)."""
-    if answer is None:
-        return False
-    kind = answer_kind(gold)
-    if kind == "letter":
-        found = LETTER_FIRST.match(answer)
-        return bool(found) and found.group(1).upper() == LETTER.fullmatch(gold).group(1).upper()
-    if kind == "word":
-        return answer.lower() == gold.lower()
-    from math_verify import verify
-
-    target = parse_math(answer)
-    return bool(target) and verify(list(parse_math(gold)), list(target), timeout_seconds=MATH_TIMEOUT_S)
-
-
-def accuracy_reward(completion, solution, negative=False):
-    """1 if the completion's answer matches the solution's, else 0 (or -1 when `negative`)."""
+def accuracy_reward(completion, solution):
+    """1 if the completion's answer matches the solution's, else 0."""
     gold = gold_answer(solution)
-    correct = gold is not None and is_correct(extract_answer(completion), gold)
-    return 1.0 if correct else (-1.0 if negative else 0.0)
+    return 1.0 if gold is not None and is_correct(extract_answer(completion), gold) else 0.0
 
 
-def format_reward(completion):
+def format_reward(completion, solution=None):
     """1 if the completion is `<think>…</think>` followed by anything, with a single <think>."""
     return 1.0 if FORMAT_PATTERN.match(completion.strip()) else 0.0
+
+
+REWARDS = {"accuracy": accuracy_reward, "format": format_reward}  # weights: W_ACCURACY, W_FORMAT
+ATTENTION_REWARDS = ("mdi",)  # weights: W_MDI; computed from the attention masses (utils.attention.mdi_reward)
+
+
+def reward_names():
+    """Every reward that has a weight constant W_<NAME>: those of the text, then those of the attention."""
+    return (*REWARDS, *ATTENTION_REWARDS)
 
 
 def soft_overlong_punishment(length, max_length, cache_length):
@@ -139,26 +45,20 @@ def soft_overlong_punishment(length, max_length, cache_length):
     return -1.0
 
 
-def score_completions(texts, solutions, lengths, weights, max_length, overlong_buffer,
-                      soft_overlong=True, negative_accuracy=False):
-    """Every reward component for a batch of completions, and the weighted total.
+def score_completions(texts, solutions, lengths, weights, spec, max_length):
+    """Every reward of REWARDS for a batch of completions, the soft overlong punishment, and the weighted total.
 
-    texts, solutions: lists of str; lengths: completion lengths in tokens.
-    weights: {"accuracy": w_acc, "format": w_fmt}. A completion cut at the limit has length max_length
-    and so gets the full -1 of the soft overlong punishment.
-    Returns {"accuracy": [B], "format": [B], "overlong": [B], "total": [B]} as lists of floats.
+    texts, solutions: lists of str; lengths: completion lengths in tokens; weights: {name: weight} (the step's,
+    RewardSpec.at). spec: the RewardSpec — NEGATIVE_ACCURACY_REWARD makes accuracy +1/-1 (the DAPO paper's
+    rule-based reward) instead of 1/0; SOFT_OVERLONG_PUNISHMENT adds DAPO Eq. 13 over the last OVERLONG_BUFFER
+    tokens before max_length (a completion cut at the limit has length max_length and gets the full -1).
+    Returns {name: [B], ..., "overlong": [B], "total": [B]} as lists of floats.
     """
-    accuracy = [accuracy_reward(t, s, negative_accuracy) for t, s in zip(texts, solutions)]
-    fmt = [format_reward(t) for t in texts]
-    if soft_overlong:
-        overlong = [soft_overlong_punishment(n, max_length, overlong_buffer) for n in lengths]
-    else:
-        overlong = [0.0] * len(texts)
-    total = [weights["accuracy"] * a + weights["format"] * f + o for a, f, o in zip(accuracy, fmt, overlong)]
-    return {"accuracy": accuracy, "format": fmt, "overlong": overlong, "total": total}
-
-
-def reward_weights_at(step, switch_step, early, regular):
-    """Two-stage reward weights: `regular` ({"accuracy", "format", "mdi"}: weight) overridden by the entries of
-    `early` during the first `switch_step` training steps (1-based), `regular` from step switch_step + 1 on."""
-    return {**regular, **early} if step <= switch_step else dict(regular)
+    scores = {name: [reward(t, s) for t, s in zip(texts, solutions)] for name, reward in REWARDS.items()}
+    if spec.negative_accuracy:
+        scores["accuracy"] = [2 * a - 1 for a in scores["accuracy"]]
+    scores["overlong"] = [soft_overlong_punishment(n, max_length, spec.overlong_buffer)
+                          if spec.soft_overlong_punishment else 0.0 for n in lengths]
+    scores["total"] = [sum(weights[name] * scores[name][i] for name in REWARDS) + scores["overlong"][i]
+                       for i in range(len(texts))]
+    return scores

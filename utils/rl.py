@@ -21,27 +21,54 @@ def group_advantages(rewards, group_sizes, scale_by_std=True, eps=1e-6):
     return torch.cat(out)
 
 
-def clipped_surrogate(logp, logp_old, advantages, clip_low, clip_high, dual_clip=0.0):
-    """Per-token PPO loss -min(r·A, clip(r, 1-clip_low, 1+clip_high)·A), with r = exp(logp - logp_old).
+def clipped_surrogate(logp, logp_old, advantages, loss):
+    """PPO's clipped surrogate, per token: -min(r·A, clip(r, 1 - ε_low, 1 + ε_high)·A), r = exp(logp - logp_old)
+    (Schulman et al. 2017; DAPO's Clip-Higher is ε_high > ε_low). With DUAL_CLIP_C = c > 1 (Ye et al. 2020) the
+    loss of a negative-advantage token is also bounded by -c·A, so a huge ratio on a bad token cannot blow up the
+    update.
 
-    dual_clip = c > 1 (Ye et al. 2020) also bounds the loss of a negative-advantage token by -c·A, so a huge
-    ratio on a bad token cannot blow up the update; 0 = off.
-    logp, logp_old: [B, L]; advantages: [B, L] (or [B, 1]). Returns (loss [B, L], clipped_low [B, L],
-    clipped_high [B, L], clipped_dual [B, L]) where the clip masks mark tokens whose gradient a clip removed:
-    ratio below 1-clip_low with A<0, above 1+clip_high with A>0, or above c with A<0 (dual clip).
+    logp, logp_old: [B, L]; advantages: [B, L] (or [B, 1]); loss: the LossSpec (clip_low, clip_high, dual_clip).
+    Returns (loss [B, L], {flag: [B, L] bool}): the tokens whose gradient a clip removed — ratio below 1 - ε_low
+    with A < 0 (clip_frac_low), above 1 + ε_high with A > 0 (clip_frac_high), or beyond the dual clip
+    (clip_frac_dual).
     """
     ratio = torch.exp(logp - logp_old)
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    clipped_low = (ratio < 1 - clip_low) & (advantages < 0)
-    clipped_high = (ratio > 1 + clip_high) & (advantages > 0)
-    clipped_dual = torch.zeros_like(clipped_low)
-    if dual_clip:
-        bound = -dual_clip * advantages  # > 0 where A < 0
-        clipped_dual = (advantages < 0) & (loss > bound)
-        loss = torch.where(clipped_dual, bound.expand_as(loss), loss)
-    return loss, clipped_low, clipped_high, clipped_dual
+    clipped = torch.clamp(ratio, 1 - loss.clip_low, 1 + loss.clip_high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    flags = {"clip_frac_low": (ratio < 1 - loss.clip_low) & (advantages < 0),
+             "clip_frac_high": (ratio > 1 + loss.clip_high) & (advantages > 0),
+             "clip_frac_dual": torch.zeros_like(per_token, dtype=torch.bool)}
+    if loss.dual_clip:
+        bound = -loss.dual_clip * advantages  # > 0 where A < 0
+        flags["clip_frac_dual"] = (advantages < 0) & (per_token > bound)
+        per_token = torch.where(flags["clip_frac_dual"], bound.expand_as(per_token), per_token)
+    return per_token, flags
+
+
+# POLICY_LOSS -> fn(logp, logp_old, advantages, loss spec) -> (per-token loss [B, L], {statistic: [B, L] bool}).
+# A new loss is one function here, one entry in this table and its name among LossSpec's POLICY_LOSS choices.
+POLICY_LOSSES = {"clip": clipped_surrogate}
+
+
+def policy_loss(logp, logp_old, advantages, mask, loss, totals, ref_logp=None, entropy=None):
+    """The policy objective of one micro-batch, as its share of the mini-batch's loss (utils/update.py sums the
+    shares): the POLICY_LOSS term, + β·k3 KL to the reference, − the entropy bonus, aggregated over the mask.
+
+    logp, logp_old, mask, ref_logp (None: no KL term), entropy (None: no bonus): [b, L]; advantages: [b, L] or
+    [b, 1]; loss: the LossSpec; totals: (valid tokens, sequences) of the whole mini-batch, over every rank — the
+    normalisers that make the sum of the shares independent of how the mini-batch is split.
+    Returns (loss: a scalar with gradients, {statistic: the sum over the mask's tokens, a float}): one entry per
+    flag of the loss (e.g. clip_frac_low) and "kl"; utils/update.py divides them by the token count.
+    """
+    per_token, flags = POLICY_LOSSES[loss.policy_loss](logp, logp_old, advantages, loss)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    per_token = per_token + loss.kl_beta * kl - loss.entropy_coef * (entropy if entropy is not None else 0.0)
+    with torch.no_grad():
+        m = mask.float()
+        stats = {name: (flag.float() * m).sum().item() for name, flag in flags.items()}
+        stats["kl"] = (kl * m).sum().item()
+    return aggregate(per_token, mask, loss.aggregation, *totals), stats
 
 
 def k3_kl(logp, ref_logp):
@@ -82,6 +109,13 @@ def overlong_loss_mask(mask, truncated):
     mask: [B, L]; truncated: [B] bool. Returns [B, L].
     """
     return mask * (~truncated).to(mask.dtype).unsqueeze(1)
+
+
+def loss_tokens(batch, overlong_filtering):
+    """The loss mask of a Rollout [B, L] float: its completion tokens, and with OVERLONG_FILTERING (DAPO) none of a
+    completion cut at the length limit."""
+    mask = batch.completion_mask.float()
+    return overlong_loss_mask(mask, batch.truncated) if overlong_filtering else mask
 
 
 # ── PPO with a critic ────────────────────────────────────────────────────────────────────────────────────

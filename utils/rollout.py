@@ -1,4 +1,4 @@
-"""Sampling completions (G per prompt) and slicing multimodal batches."""
+"""Sampling completions (G per prompt)."""
 
 from collections import deque
 from dataclasses import dataclass, field
@@ -7,8 +7,11 @@ import torch
 from tqdm import tqdm
 
 from data.prompts import encode_prompts
-from utils.distributed import all_reduce_max, all_reduce_sum, is_main_process, rank_sampling, replay_slots
-from utils.generation import sample_completions
+from utils.batch import concat_inputs, slice_inputs
+from utils.distributed import (all_reduce_max, all_reduce_sum, gather_rows, is_main_process, rank_sampling,
+                               replay_slots)
+from utils.generation import Decoding, sample_completions
+from utils.rewards import score_completions
 from utils.rl import is_informative
 
 
@@ -30,78 +33,10 @@ class Rollout:
     texts: list
     examples: list = field(default_factory=list)
     rewards: dict = field(default_factory=dict)
+    group_sizes: list = field(default_factory=list)  # sizes of its contiguous groups, once known (sample_step)
 
     def __len__(self):
         return self.completion_ids.shape[0]
-
-
-def image_patch_counts(prompt_inputs):
-    """(images, patches): per prompt, how many images it has and how many rows of pixel_values they fill (0 and
-    0 for a text-only prompt). image_grid_thw has one row per image, in prompt order; a prompt's images are the
-    next rows whose image tokens (patches / merge², merge² = patches per image token of the whole batch) add up
-    to the prompt's image tokens (mm_token_type_ids == 1)."""
-    n_prompts = prompt_inputs["input_ids"].shape[0]
-    if "image_grid_thw" not in prompt_inputs:
-        return [0] * n_prompts, [0] * n_prompts
-    patches = prompt_inputs["image_grid_thw"].prod(-1).tolist()  # per image
-    if "mm_token_type_ids" not in prompt_inputs:  # no way to tell: one image per prompt
-        if len(patches) != n_prompts:
-            raise ValueError("prompt inputs without mm_token_type_ids must have exactly one image per prompt")
-        return [1] * n_prompts, patches
-    tokens = (prompt_inputs["mm_token_type_ids"] == 1).sum(1).tolist()  # [B] image tokens per prompt
-    per_token = sum(patches) // max(sum(tokens), 1)
-    images, counts, next_image = [], [], 0
-    for n_tokens in tokens:
-        first = next_image
-        while n_tokens > 0:
-            n_tokens -= patches[next_image] // per_token
-            next_image += 1
-        images.append(next_image - first)
-        counts.append(sum(patches[first:next_image]))
-    return images, counts
-
-
-def slice_inputs(inputs, rows):
-    """Rows `rows` (a python slice or list of indices) of a processor batch, with their images' pixel_values and
-    image_grid_thw rows (a prompt may have 0, 1 or several images; a slice without images has neither key)."""
-    indices = list(range(inputs["input_ids"].shape[0]))[rows] if isinstance(rows, slice) else list(rows)
-    out = {k: v[indices] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "pixel_values" in inputs:
-        images, patches = image_patch_counts(inputs)
-        image_start, patch_start = [0], [0]
-        for n_images, n_patches in zip(images, patches):
-            image_start.append(image_start[-1] + n_images)
-            patch_start.append(patch_start[-1] + n_patches)
-        image_rows = [j for i in indices for j in range(image_start[i], image_start[i + 1])]
-        patch_rows = [j for i in indices for j in range(patch_start[i], patch_start[i + 1])]
-        if image_rows:
-            out["pixel_values"] = inputs["pixel_values"][patch_rows]
-            out["image_grid_thw"] = inputs["image_grid_thw"][image_rows]
-    # Left padding is shared across the batch; drop columns that are padding in every kept row.
-    keep = out["attention_mask"].any(0).nonzero()
-    first = int(keep[0]) if len(keep) else 0
-    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if k in out:
-            out[k] = out[k][:, first:]
-    return out
-
-
-def concat_inputs(batches):
-    """Concatenate processor batches row-wise, re-padding the prompts on the left; batches without images
-    (text-only prompts) add no pixel_values rows."""
-    width = max(b["input_ids"].shape[1] for b in batches)
-    out = {}
-    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if k not in batches[0]:
-            continue
-        pad_value = 0
-        parts = [torch.nn.functional.pad(b[k], (width - b[k].shape[1], 0), value=pad_value) for b in batches]
-        out[k] = torch.cat(parts)
-    for k in ("pixel_values", "image_grid_thw"):
-        parts = [b[k] for b in batches if k in b]
-        if parts:
-            out[k] = torch.cat(parts)
-    return out
 
 
 def completion_mask_from_ids(completion_ids, eos_ids):
@@ -112,9 +47,9 @@ def completion_mask_from_ids(completion_ids, eos_ids):
 
 
 @torch.no_grad()
-def generate(model, processor, examples, group_size, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
-             suppress_ids=(), batch_size=None, desc=None):
-    """Sample `group_size` completions per example (greedy when `greedy`); returns a Rollout of len(examples)*G.
+def generate(model, processor, examples, group_size, decoding, batch_size=None, desc=None):
+    """Sample `group_size` completions per example, decoded as `decoding` (utils.generation.Decoding) says;
+    returns a Rollout of len(examples)*G.
 
     Each prompt is encoded and prefilled once for its G completions (utils/generation.py). Sequences are
     generated about `batch_size` at a time (whole groups), with a progress bar named `desc` (none when desc is None).
@@ -127,8 +62,7 @@ def generate(model, processor, examples, group_size, max_new_tokens, temperature
     for start in tqdm(range(0, len(examples), prompts_per_batch), desc=desc, leave=False,
                       disable=desc is None or not is_main_process()):
         inputs = encode_prompts(processor, examples[start : start + prompts_per_batch])  # [b, P]
-        ids, _ = sample_completions(model, inputs, group_size, max_new_tokens, temperature=temperature, top_p=top_p,
-                                    greedy=greedy, suppress_ids=suppress_ids, eos_ids=eos_ids,
+        ids, _ = sample_completions(model, inputs, group_size, decoding, eos_ids=eos_ids,
                                     pad_id=tokenizer.pad_token_id)  # [b*G, L]
         prompts.append(slice_inputs(inputs, [i for i in range(len(inputs["input_ids"])) for _ in range(group_size)]))
         completions.append(ids.cpu())
@@ -141,6 +75,18 @@ def generate(model, processor, examples, group_size, max_new_tokens, temperature
     prompt_inputs = prompts[0] if len(prompts) == 1 else concat_inputs(prompts)
     repeated = [ex for ex in examples for _ in range(group_size)]
     return Rollout(prompt_inputs, completion_ids, completion_mask, ~ended, texts, repeated)
+
+
+def sample_and_score(models, examples, n, specs, weights):
+    """n completions for each example from the generating model (utils.trainer.Models), as the RolloutSpec
+    specs.rollout says, scored by every reward (utils/rewards.py) with the step's reward `weights`."""
+    r = specs.rollout
+    decoding = Decoding(r.max_new_tokens, r.temperature, r.top_p, suppress_ids=models.suppress_ids)
+    rollout = generate(models.rollout, models.processor, examples, n, decoding, r.generation_batch_size, "generate")
+    rewards = score_completions(rollout.texts, [ex["solution"] for ex in rollout.examples],
+                                rollout.completion_mask.sum(1).tolist(), weights, specs.rewards, r.max_new_tokens)
+    rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
+    return rollout
 
 
 def select_rows(rollout, rows):
@@ -241,6 +187,13 @@ class ReplayBuffer:
         self.groups = deque(maxlen=size)  # single-group Rollouts
         self.min_reward_std, self.max_success_rate = min_reward_std, max_success_rate
 
+    @classmethod
+    def of(cls, rollout):
+        """The buffer a RolloutSpec asks for (REPLAY_BUFFER_SIZE and its filters), or None when the size is 0."""
+        if not rollout.replay_buffer_size:
+            return None
+        return cls(rollout.replay_buffer_size, rollout.replay_min_reward_std, rollout.replay_max_success_rate)
+
     def __len__(self):
         return len(self.groups)
 
@@ -270,22 +223,27 @@ class ReplayBuffer:
         return fresh + replayed + flat, len(replayed)
 
 
-def sample_step(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, max_rounds, max_group_size,
-                replay=None):
-    """One training step's sampling: collect_groups (arguments as there), then, with a ReplayBuffer, its swaps.
+def sample_step(sample, draw_prompts, rollout, pad_token_id, replay=None, warn=print):
+    """One training step's sampling as the RolloutSpec `rollout` says: collect_groups (TRAIN_BATCH_PROMPTS groups of
+    GROUP_SIZE; the sampling mode, MAX_GEN_BATCHES, MAX_DYNAMIC_SAMPLES), then, with a ReplayBuffer, its swaps.
+    sample(examples, n) -> a scored Rollout with n completions per example; draw_prompts(k) -> k examples.
 
-    Under torchrun `n_groups` is the global batch: each rank samples its share of every draw of prompts, refill
-    rounds go on until the ranks *together* hold n_groups informative groups (or max_rounds), and the metrics count
-    the groups of all ranks (utils/distributed.py). A group never spans ranks; each rank has its own replay buffer.
+    Under torchrun TRAIN_BATCH_PROMPTS is the global batch: each rank samples its share of every draw of prompts,
+    refill rounds go on until the ranks *together* hold that many informative groups (or MAX_GEN_BATCHES), and the
+    metrics count the groups of all ranks (utils/distributed.py). A group never spans ranks; each rank has its own
+    replay buffer.
 
-    Returns (everything: every completion this rank sampled; train_groups: the groups it trains on, one scored
-    Rollout each; padding: True when this rank has no group to train on while other ranks have some — it then
-    trains on one of its flat groups with zero weight (policy_update's batch_is_padding), to join the sharded
-    update; metrics: the step's dapo/* sampling metrics, global).
+    Returns (everything: every completion this rank sampled; batch: the groups it trains on as one scored Rollout
+    (with group_sizes), or None when no rank has an informative group — `warn` says so, and the step has no
+    update; padding: True when this rank has no group to train on while other ranks have some — its batch is then
+    one of its flat groups, trained on with zero weight (utils.update.Targets.padding) to join the sharded update;
+    metrics: the step's reward/*, response/* and dapo/* sampling metrics, global).
     """
+    n_groups, group_size, mode = rollout.train_batch_prompts, rollout.group_size, rollout.sampling_mode
     n_local, draw_local, quota = rank_sampling(draw_prompts, n_groups)
     everything, groups, kept, rounds = collect_groups(sample, draw_local, n_local, group_size, pad_token_id,
-                                                      mode, max_rounds, max_group_size, quota)
+                                                      mode, rollout.max_gen_batches, rollout.max_dynamic_samples,
+                                                      quota)
     train_groups = [select_rows(everything, groups[g]) for g in kept]
     n_flat = sum(not is_informative(everything.rewards["accuracy"][rows]) for rows in groups)
     n_replayed = 0
@@ -295,8 +253,8 @@ def sample_step(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, 
     n_kept, n_sampled, n_flat, n_topup, n_replayed, n_stored, n_train = all_reduce_sum(
         [len(kept), len(groups), n_flat, len(everything) - group_size * len(groups), n_replayed,
          len(replay) if replay is not None else 0, len(train_groups)])
-    metrics = {"dapo/gen_batches": all_reduce_max(rounds), "dapo/kept_group_frac": n_kept / n_sampled,
-               "dapo/flat_group_frac": n_flat / n_sampled}
+    metrics = {**rollout_metrics(everything), "dapo/gen_batches": all_reduce_max(rounds),
+               "dapo/kept_group_frac": n_kept / n_sampled, "dapo/flat_group_frac": n_flat / n_sampled}
     if mode == "topup":
         metrics["dapo/topup_samples"] = n_topup
     if replay is not None:
@@ -305,4 +263,24 @@ def sample_step(sample, draw_prompts, n_groups, group_size, pad_token_id, mode, 
     padding = n_train > 0 and not train_groups
     if padding:
         train_groups = [select_rows(everything, groups[0])]
-    return everything, train_groups, padding, metrics
+    if not n_train:  # (the count of every rank)
+        warn("no informative group sampled; no update this step")
+        return everything, None, padding, metrics
+    batch = concat_rollouts(train_groups, pad_token_id)
+    batch.group_sizes = [len(g) for g in train_groups]
+    return everything, batch, padding, metrics
+
+
+def rollout_metrics(rollout):
+    """reward/<component>/{mean,std} and response/* over every completion generated this step (by every rank)."""
+    metrics = {}
+    for name, values in gather_rows(rollout.rewards).items():
+        values = values.float()
+        metrics[f"reward/{name}/mean"] = values.mean().item()
+        metrics[f"reward/{name}/std"] = values.std().item() if values.numel() > 1 else 0.0
+    lengths = gather_rows(rollout.completion_mask.sum(1))
+    metrics["response/length/mean"] = lengths.float().mean().item()
+    metrics["response/length/max"] = lengths.max().item()
+    metrics["response/truncated_frac"] = gather_rows(rollout.truncated).float().mean().item()
+    return metrics
+

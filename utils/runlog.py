@@ -12,7 +12,7 @@ import time
 from tqdm import tqdm
 
 from utils.attention import per_row
-from utils.distributed import all_reduce_max, all_reduce_sum, broadcast_object, gather_rows, is_main_process
+from utils.distributed import all_reduce_max, all_reduce_sum, broadcast_object, is_main_process
 from utils.markdown_logs import TerminalLog, append_attention_diagnostics, append_rollout_results, append_token_weights
 from utils.plot_metrics import plot_run
 
@@ -161,23 +161,6 @@ def cut_logs_after(run_dir, step):
     rewrite(os.path.join(run_dir, "metrics.jsonl"), metrics_rows)
     for name in ("rollout_results.md", "attention_diagnostics.md", "token_weights.md"):
         rewrite(os.path.join(run_dir, name), markdown_entries)
-
-
-def mean_std(values):
-    values = values.float()
-    return values.mean().item(), (values.std().item() if values.numel() > 1 else 0.0)
-
-
-def rollout_metrics(rollout):
-    """reward/<component>/{mean,std} and response/* over every completion generated this step (by every rank)."""
-    metrics = {}
-    for name, values in gather_rows(rollout.rewards).items():
-        metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std(values)
-    lengths = gather_rows(rollout.completion_mask.sum(1))
-    metrics["response/length/mean"] = lengths.float().mean().item()
-    metrics["response/length/max"] = lengths.max().item()
-    metrics["response/truncated_frac"] = gather_rows(rollout.truncated).float().mean().item()
-    return metrics
 
 
 def perf_metrics(step_start, generate_s, logprob_s, update_s, generated_tokens):
