@@ -9,7 +9,7 @@ sys.path.insert(0, ROOT)
 
 @pytest.fixture(scope="session")
 def tiny_vlm_path():
-    """The warm-started embedded model, built once into the repo's .cache (as `python dapo.py` does)."""
+    """The warm-started embedded model: the shipped models/tiny-vlm/ (as `python dapo.py` uses it)."""
     import torch
 
     from utils.tiny_vlm import ensure_tiny_vlm

@@ -37,7 +37,7 @@ from utils.update import Targets, policy_update, set_learning_rate
 
 # ── Model and devices ─────────────────────────────────────────────────────────────────────────────
 MODEL_NAME_OR_PATH = "embedded-tiny-vlm"  # Qwen2-VL / Qwen2.5-VL hub name or folder, or the built-in tiny VLM
-MODEL_CACHE_DIR = ".cache"  # folder where the embedded tiny VLM is built once and reused
+MODEL_CACHE_DIR = ".cache"  # where the tiny VLM is built if its RECIPE differs from the shipped models/tiny-vlm/
 TRUST_REMOTE_CODE = False  # bool; only for checkpoints whose code you trust
 POLICY_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; auto: cuda:0 if there is a GPU, else cpu
 ROLLOUT_DEVICE = "auto"  # "auto" | "cpu" | "cuda:N"; reference + generation copy; auto: cuda:1 with 2 GPUs

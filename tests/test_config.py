@@ -120,7 +120,8 @@ def test_wrong_types_are_errors(arg):
                                           ("--TOP_P=1.5", "TOP_P"), ("--MAX_OBJECTS=9", "MAX_OBJECTS=9: must be"),
                                           ("--QUESTION_KINDS=['count','size']", "QUESTION_KINDS"),
                                           ("--PRECISION=bf16", "'auto' | 'bf16-mixed' | 'fp32'"),
-                                          ("--POLICY_LOSS=gspo", "POLICY_LOSS='gspo': expected 'clip'")])
+                                          ("--POLICY_LOSS=gspo", "POLICY_LOSS='gspo': expected 'clip'"),
+                                          ("--POLICY_DEVICE=gpu", "POLICY_DEVICE='gpu': expected 'auto', 'cpu'")])
 def test_values_outside_the_allowed_ones_are_errors(arg, message):
     cfg = apply_overrides(constants_of(vars(dapo)), arg.split(" "))
     with pytest.raises(UserError, match=message):

@@ -12,7 +12,10 @@ or in `build_specs` when they span specs.
 """
 
 import os
+import re
 from dataclasses import dataclass, field, fields
+
+import torch
 
 from utils.attention import STAGES
 from utils.config import UserError
@@ -93,6 +96,11 @@ class ModelSpec(Spec):
     seed: int = constant("SEED")
 
     def check(self):
+        for name, device in (("POLICY_DEVICE", self.policy_device), ("ROLLOUT_DEVICE", self.rollout_device)):
+            if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+                raise UserError(f"{name}={device!r}: expected 'auto', 'cpu' or 'cuda:N'")
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                raise UserError(f"{name}={device!r}: torch sees no GPU here; use 'cpu' or 'auto'")
         check_model_path(self.name_or_path, self.trust_remote_code)
 
 

@@ -1,8 +1,14 @@
 """The embedded tiny VLM: a Qwen2.5-VL built from a config, a locally trained tokenizer, a supervised warm start.
 
 Nothing is downloaded. `ensure_tiny_vlm(cache_dir)` returns a folder that `transformers` loads like any
-Qwen2.5-VL checkpoint; it is built once (about a minute on a 2-core CPU) and reused while the recipe
-below is unchanged (its hash names the folder).
+Qwen2.5-VL checkpoint. The warm start is shipped in the repository (SHIPPED, `models/tiny-vlm/`, 4 MB), so every
+machine starts from the same weights: CPUs with other vector units (AVX2, AVX-512) build different warm starts from
+the same recipe, and a run's outcome would otherwise depend on the machine that built it. When RECIPE below differs
+from the shipped model's `recipe.json` (someone is changing the recipe), the model is built on the spot instead
+(about a minute on a 2-core CPU) into `cache_dir/tiny-vlm-<recipe hash>/` and reused while the recipe is unchanged.
+
+    python -m utils.tiny_vlm            # rebuild the shipped model from RECIPE, print its held-out accuracy
+    python -m utils.tiny_vlm --check    # build into a temporary folder, compare with the shipped model
 """
 
 import hashlib
@@ -178,9 +184,26 @@ def warm_start(model, processor):
     return model
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-vlm")
+HELD_OUT = {"size": 240, "seed": 0, "kinds": ("count",)}  # the default run's step-0 evaluation set (SEED = 0)
+BUILD_TOLERANCE = 0.10  # a fresh build's held-out accuracy is within this of the shipped model's (CPUs differ)
+
+
+def shipped_recipe():
+    """The RECIPE the shipped model was built from, or None when there is no shipped model."""
+    path = os.path.join(SHIPPED, "recipe.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(SHIPPED, "model.safetensors")):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def ensure_tiny_vlm(cache_dir, log=print):
-    """Folder of the warm-started tiny VLM, built on first use (a minute or two on CPU). Under torchrun rank 0
-    builds it while the other ranks wait."""
+    """Folder of the warm-started tiny VLM: the shipped one while RECIPE is the one it was built from, else one
+    built on first use into `cache_dir` (a minute or two on CPU). Under torchrun rank 0 builds it while the other
+    ranks wait."""
+    if shipped_recipe() == json.loads(json.dumps(RECIPE)):  # (tuples compare as the lists json gives back)
+        return SHIPPED
     path = os.path.join(cache_dir, f"tiny-vlm-{recipe_hash()}")
     if not is_main_process():
         barrier()  # ... until rank 0 has it
@@ -193,7 +216,7 @@ def ensure_tiny_vlm(cache_dir, log=print):
 
 def build_tiny_vlm(path, log=print):
     """Build the tiny VLM (tokenizer, processor, warm start) into `path`, atomically."""
-    log(f"building the embedded tiny VLM in {path} (first use only)")
+    log(f"building the embedded tiny VLM in {path} (RECIPE differs from the shipped model's; first use only)")
     start = time.time()
     tokenizer = train_tokenizer(RECIPE["vocab_size"])
     processor = build_processor(tokenizer, RECIPE["vision"]["patch_size"], RECIPE["image_size"])
@@ -207,3 +230,49 @@ def build_tiny_vlm(path, log=print):
     os.replace(tmp, path)  # atomic: a killed build never leaves a half-written model behind
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     log(f"tiny VLM built in {time.time() - start:.0f}s ({n_params:.2f}M parameters)")
+
+
+def held_out_accuracy(path):
+    """Greedy accuracy and format rate of the model in `path` on HELD_OUT (the default run's step-0 evaluation)."""
+    from types import SimpleNamespace
+
+    from utils.evaluate import evaluate
+    from utils.model import load_model, load_processor, suppressed_token_ids
+
+    processor = load_processor(path)
+    model = load_model(path, "cpu", torch.float32)
+    data = SyntheticVQA(HELD_OUT["size"], seed=HELD_OUT["seed"], split="test", kinds=HELD_OUT["kinds"])
+    decoding = SimpleNamespace(max_new_tokens=24, generation_batch_size=128)  # dapo.py's MAX_NEW_TOKENS
+    metrics = evaluate(model, processor, data, len(data), decoding, suppressed_token_ids(processor.tokenizer))
+    return metrics["eval/accuracy"], metrics["eval/format"]
+
+
+def main(argv=None):
+    import argparse
+    import platform
+    import tempfile
+
+    parser = argparse.ArgumentParser(description="Rebuild the shipped tiny VLM (models/tiny-vlm/) from RECIPE, or "
+                                                 "--check that a build here reproduces it.")
+    parser.add_argument("--check", action="store_true", help="build into a temporary folder and compare")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_tiny_vlm(os.path.join(tmp, "tiny-vlm"))
+            built = held_out_accuracy(os.path.join(tmp, "tiny-vlm"))
+        shipped = held_out_accuracy(SHIPPED)
+        print(f"held-out accuracy / format: built here {built[0]:.3f} / {built[1]:.3f}, shipped {shipped[0]:.3f} / "
+              f"{shipped[1]:.3f} (tolerance {BUILD_TOLERANCE})")
+        raise SystemExit(0 if abs(built[0] - shipped[0]) <= BUILD_TOLERANCE else 1)
+    build_tiny_vlm(SHIPPED + ".new")
+    shutil.rmtree(SHIPPED, ignore_errors=True)
+    os.replace(SHIPPED + ".new", SHIPPED)
+    accuracy, fmt = held_out_accuracy(SHIPPED)
+    cpu = platform.processor() or platform.machine()
+    print(f"{SHIPPED}: held-out accuracy {accuracy:.3f}, format {fmt:.3f} ({HELD_OUT['size']} count questions, "
+          f"seed {HELD_OUT['seed']}); built on {cpu}, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
