@@ -136,9 +136,18 @@ def test_find_resume_checkpoint_auto(tmp_path, capsys):
     assert ck.find_resume_checkpoint("auto", str(tmp_path), "dapo") == str(new / "checkpoints" / "step_1")
     with pytest.raises(ValueError, match="not a run of grpo.py"):
         ck.find_resume_checkpoint(str(old), str(tmp_path), "grpo")
+    # A later start that failed (an empty folder) or was killed before its first save does not hide the run that has
+    # a checkpoint: a requeued job goes on from it instead of starting again.
     os.makedirs(tmp_path / "dapo_20260104_000000" / "checkpoints" / "step_1.tmp")  # killed before its first save
-    assert ck.find_resume_checkpoint("auto", str(tmp_path), "dapo") is None
-    assert "no complete checkpoint in" in capsys.readouterr().out
+    os.makedirs(tmp_path / "dapo_20260105_000000")  # a start that failed
+    capsys.readouterr()
+    assert ck.find_resume_checkpoint("auto", str(tmp_path), "dapo") == str(new / "checkpoints" / "step_1")
+    out = capsys.readouterr().out
+    assert "dapo_20260104_000000" in out and "dapo_20260105_000000" in out and "have no complete checkpoint" in out
+    empty = tmp_path / "only_failed"
+    os.makedirs(empty / "dapo_20260106_000000")
+    assert ck.find_resume_checkpoint("auto", str(empty), "dapo") is None
+    assert "no complete checkpoint in any dapo_* run" in capsys.readouterr().out
 
 
 def test_resumed_config_allows_scheduling_and_refuses_math(tmp_path, capsys):

@@ -197,18 +197,24 @@ def prune_checkpoints(run_dir, keep):
 # ── resuming ────────────────────────────────────────────────────────────────────────────────────
 def find_resume_checkpoint(resume, runs_dir, algo):
     """The checkpoint RESUME names: None for "" (a new run); for "auto" the newest complete checkpoint of the
-    newest `<algo>_*` run folder in runs_dir, or None (a new run, with a warning) when there is none, so that a job
-    script can always pass "auto"; for a run folder its newest complete checkpoint; for a checkpoint folder itself.
+    newest `<algo>_*` run folder in runs_dir that has one (newer folders without one — a start that failed, a run
+    killed before its first checkpoint — are passed over with a warning), or None (a new run, with a warning) when
+    no run has one, so that a job script can always pass "auto"; for a run folder its newest complete checkpoint; for a checkpoint folder itself.
     Half-written checkpoints are skipped with a warning; a named folder without a complete checkpoint is an error."""
     if not resume:
         return None
     if resume == "auto":
         runs = sorted(p for p in glob.glob(os.path.join(runs_dir, f"{algo}_*")) if os.path.isdir(p))  # by timestamp
-        if not runs or not complete_checkpoints(runs[-1]):
-            where = f"no complete checkpoint in {runs[-1]}" if runs else f"no {algo}_* run in {runs_dir}"
-            warn(f"RESUME='auto': {where}; starting a new run")
+        resumable = [run for run in runs if complete_checkpoints(run)]
+        if not resumable:
+            where = f"no complete checkpoint in any {algo}_* run" if runs else f"no {algo}_* run"
+            warn(f"RESUME='auto': {where} in {runs_dir}; starting a new run")
             return None
-        resume = runs[-1]
+        newer = runs[runs.index(resumable[-1]) + 1:]  # e.g. starts that failed before their first checkpoint
+        if newer:
+            warn(f"RESUME='auto': {', '.join(newer)} {'has' if len(newer) == 1 else 'have'} no complete checkpoint; "
+                 f"resuming {resumable[-1]}, the newest run that has one")
+        resume = resumable[-1]
     run_name = os.path.basename(run_dir_of(resume) if checkpoint_step(resume) is not None else os.path.normpath(resume))
     if not run_name.startswith(f"{algo}_"):
         raise ValueError(f"RESUME={resume}: not a run of {algo}.py (its folder is {run_name}); resume it with the "
