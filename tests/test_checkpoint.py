@@ -193,7 +193,11 @@ def test_preemption_guard_stops_after_the_step_then_aborts():
         guard = ck.PreemptionGuard(messages.append)
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.signal_name == "SIGTERM" and "SIGTERM received" in messages[0]
-        with pytest.raises(KeyboardInterrupt, match="second signal"):
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT: aborted during the step, before the stop"):
+            os.kill(os.getpid(), signal.SIGINT)
+        guard.saved = "runs/dapo_x/checkpoints/step_14"  # the stop checkpoint is on disk: the message says so
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT; the stop checkpoint runs/dapo_x/checkpoints/"
+                                                    "step_14 was written"):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         for sig, handler in previous.items():

@@ -106,3 +106,38 @@ def test_every_trainer_runs_through_run_cli():
     for script in ("dapo.py", "grpo.py", "ppo.py"):
         tree = ast.parse(open(os.path.join(ROOT, script)).read())
         assert ast.unparse(tree.body[-1]) == "if __name__ == '__main__':\n    run_cli(main)"
+
+
+def test_an_interrupt_is_one_line_saying_what_was_saved(capsys, monkeypatch):
+    """Ctrl-C before the step loop (loading the model, say) or a second one inside it: no traceback, exit 130."""
+    monkeypatch.delenv("RL_TRACEBACK", raising=False)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def aborted(argv):
+        raise KeyboardInterrupt("second SIGINT; the stop checkpoint runs/x/checkpoints/step_3 was written: resume")
+
+    for main, expected in ((interrupted, "before the first training step; nothing was saved"),
+                           (aborted, "the stop checkpoint runs/x/checkpoints/step_3 was written")):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main, [])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 130 and err.count("\n") == 1 and expected in err and "Traceback" not in err
+
+
+def test_a_broken_terminal_does_not_stop_the_run(tmp_path, monkeypatch):
+    """`python dapo.py | tee log` and Ctrl-C: tee dies, the pipe breaks; the run's messages still reach
+    run_terminal.md and the run goes on to its stop checkpoint."""
+    import utils.runlog as runlog
+
+    def broken(message):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(runlog.tqdm, "write", broken)
+    log = runlog.RunLog(str(tmp_path), "dapo", {"TOTAL_STEPS": 1}, os.path.join(ROOT, "dapo.py"))
+    log.print("checkpoint: somewhere")
+    log.warn("SIGINT received")
+    terminal = open(os.path.join(log.dir, "run_terminal.md")).read()
+    assert "checkpoint: somewhere" in terminal and "SIGINT received" in terminal
+

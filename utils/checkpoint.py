@@ -300,10 +300,11 @@ def load_checkpoint(checkpoint, policy, optimizer, prompts, replay=None, critic=
 # ── preemption ──────────────────────────────────────────────────────────────────────────────────
 class PreemptionGuard:
     """SIGTERM or SIGINT (Ctrl-C) sets `signal_name`; the trainer checks `requested()` after each step, writes a
-    checkpoint and exits. A second signal aborts at once (KeyboardInterrupt). Only installed in the main thread."""
+    checkpoint (then `saved` names it) and exits. A second signal aborts at once (KeyboardInterrupt, whose message
+    says whether the stop checkpoint was written). Only installed in the main thread."""
 
     def __init__(self, log=warn):
-        self.signal_name, self.log = None, log
+        self.signal_name, self.log, self.saved = None, log, None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self.handle)
@@ -311,7 +312,10 @@ class PreemptionGuard:
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.signal_name is not None:
-            raise KeyboardInterrupt(f"second signal ({name}): aborted without a checkpoint")
+            if self.saved:
+                raise KeyboardInterrupt(f"second {name}; the stop checkpoint {self.saved} was written: resume from it")
+            raise KeyboardInterrupt(f"second {name}: aborted during the step, before the stop checkpoint; resume "
+                                    f"from the run's last checkpoint (RESUME=auto)")
         self.signal_name = name
         self.log(f"{name} received: finishing this step, then writing a checkpoint and exiting "
                  f"(send it again to abort at once)")

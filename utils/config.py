@@ -117,8 +117,9 @@ def help_text(path, config):
 def run_cli(main, argv=None):
     """Run a trainer's main(argv) from the command line: `-h`/`--help` prints every constant; a user error (a
     bad constant or value, a missing file or folder, an unsupported model) prints one line to stderr and exits
-    with status 2. RL_TRACEBACK=1 shows the traceback instead. Under torchrun the process group is left at the
-    end."""
+    with status 2; an interrupt the run could not turn into a checkpoint (Ctrl-C before the step loop, a second
+    Ctrl-C in it) prints one line saying what was saved and exits with 130. RL_TRACEBACK=1 shows the traceback
+    instead. Under torchrun the process group is left at the end."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         module = sys.modules[main.__module__]
@@ -134,5 +135,11 @@ def run_cli(main, argv=None):
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C before the step loop, or a second one in it (utils.checkpoint)
+        if os.environ.get("RL_TRACEBACK"):
+            raise
+        what = str(e) or "Ctrl-C before the first training step; nothing was saved"
+        print(f"interrupted: {what}", file=sys.stderr)
+        sys.exit(130)
     finally:
         close_distributed()

@@ -17,6 +17,16 @@ from utils.markdown_logs import TerminalLog, append_attention_diagnostics, appen
 from utils.plot_metrics import plot_run
 
 
+def echo(message):
+    """Print to the terminal above the progress bars. A terminal that went away (`python dapo.py | tee log` after
+    tee was interrupted: a broken pipe) is dropped, so the run goes on to its checkpoint; run_terminal.md keeps
+    everything."""
+    try:
+        tqdm.write(message)
+    except (BrokenPipeError, OSError):
+        pass
+
+
 class RunLog:
     """Writes one run's folder `runs/<algo>_<timestamp>/` and prints what it logs."""
 
@@ -52,11 +62,11 @@ class RunLog:
         return path
 
     def print(self, message):
-        tqdm.write(message)  # keeps progress bars intact
+        echo(message)
         self.terminal.line(message)
 
     def warn(self, message):
-        tqdm.write(f"WARNING: {message}")
+        echo(f"WARNING: {message}")
         self.terminal.warning(message)
 
     def log_metrics(self, metrics):
@@ -93,7 +103,7 @@ class RunLog:
             return key if key.startswith("eval/") else key.split("/", 1)[-1]
 
         parts = [f"{label(k)}={metrics[k]:.3g}" for k in keys if metrics.get(k) is not None]
-        tqdm.write(f"step {metrics['step']:>4} | " + "  ".join(parts))  # run_terminal.md has the full block
+        echo(f"step {metrics['step']:>4} | " + "  ".join(parts))  # run_terminal.md has the full block
 
 
 class QuietRunLog:

@@ -145,6 +145,7 @@ class Run:
                                     self.optimizer, self.prompts, self.replay, self.critic,
                                     keep=s.run.keep_checkpoints)
             self.print(f"checkpoint: {saved}")
+            self.stop.saved = saved if stopped else None
         if stopped:
             self.print(f"stopped by {self.stop.signal_name} after step {step}; continue with --RESUME={self.dir}")
             self.stopped = True
