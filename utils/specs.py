@@ -22,7 +22,6 @@ from utils.config import UserError
 from utils.precision import PRECISIONS
 
 
-
 def constant(name, *, choices=None, low=None, high=None, above=None, resumable=False):
     """A spec field filled from the constant `name`. choices: the allowed values (for a list, of each element);
     low / high: inclusive bounds; above: an exclusive lower bound. resumable: a resumed run may change it (it

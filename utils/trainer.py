@@ -72,7 +72,7 @@ class Run:
         self.stopped = False
 
     def open(self, script):
-        """Join torchrun's process group (README: "Scaling out"), open the run folder and the trackers, seed."""
+        """Join torchrun's process group (docs/scaling_out.md), open the run folder and the trackers, seed."""
         self.world = init_distributed()  # under torchrun: this process's rank; else one process
         self.log = open_run_log(self.specs.run.runs_dir, self.algo, self.config, script,
                                 (self.dir, self.start) if self.resume else None)
