@@ -141,3 +141,53 @@ def test_a_broken_terminal_does_not_stop_the_run(tmp_path, monkeypatch):
     terminal = open(os.path.join(log.dir, "run_terminal.md")).read()
     assert "checkpoint: somewhere" in terminal and "SIGINT received" in terminal
 
+
+
+FREE_FORM = {  # constants whose every value of their type is allowed (names, splits, instructions, folders)
+    "TRAIN_SPLIT", "EVAL_SPLIT", "IMAGE_KEY", "PROBLEM_KEY", "ANSWER_KEY", "SYSTEM_PROMPT", "MODEL_CACHE_DIR",
+    "RUNS_DIR", "COMPARE_WITH", "RESUME_OVERRIDES", "SEED", "ENTROPY_COEF"}
+OUT_OF_DOMAIN_TEXT = {"MODEL_NAME_OR_PATH": "./no/such/model", "DATASET": "./no_such.jsonl",
+                      "EVAL_DATASET": "./no_such.jsonl", "REPORT_TO": "nope", "RESUME": "./no_such_run",
+                      "POLICY_DEVICE": "gpu", "ROLLOUT_DEVICE": "gpu", "REWARD_WEIGHTS_EARLY": "{'nope': 1.0}"}
+
+
+def out_of_domain(name, field):
+    """A command-line value outside the constant's domain (its field in utils/specs.py), or None for a free-form one."""
+    if name in OUT_OF_DOMAIN_TEXT:
+        return OUT_OF_DOMAIN_TEXT[name]
+    if name.startswith("W_") or field is None:
+        return "abc"  # a weight must be a number
+    meta = field.metadata
+    if meta["choices"]:
+        return "['nope']" if field.type is list else "nope"
+    for bound, value in (("above", meta["above"]), ("low", meta["low"] is not None and meta["low"] - 1),
+                         ("high", meta["high"] is not None and meta["high"] + 1)):
+        if meta[bound] is not None:
+            return str(value)
+    if field.type is bool:
+        return "maybe"
+    return None
+
+
+@pytest.mark.parametrize("module", [dapo, grpo, ppo], ids=["dapo", "grpo", "ppo"])
+def test_every_constant_outside_its_domain_is_one_error_line_and_no_run_folder(module, tmp_path, capsys,
+                                                                                monkeypatch):
+    from dataclasses import fields
+
+    from utils.specs import SPEC_CLASSES, CriticSpec
+
+    monkeypatch.delenv("RL_TRACEBACK", raising=False)
+    by_constant = {f.metadata["constant"]: f for cls in (*SPEC_CLASSES.values(), CriticSpec) for f in fields(cls)
+                   if f.metadata.get("constant")}
+    checked = []
+    for name in constants_of(vars(module)):
+        value = out_of_domain(name, by_constant.get(name))
+        if value is None:
+            assert name in FREE_FORM, f"{name} has no domain: give its spec field one, or list it as free-form"
+            continue
+        code, err = run_main(module, [f"--{name}={value}", f"--RUNS_DIR={tmp_path}"], capsys)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (name, value, err)
+        assert name in err or name.lower() in err, (name, err)  # the error names the constant
+        assert not os.listdir(tmp_path), f"--{name}={value} left a run folder"
+        checked.append(name)
+    assert len(checked) >= len(constants_of(vars(module))) - len(FREE_FORM)
