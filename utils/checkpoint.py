@@ -199,7 +199,8 @@ def find_resume_checkpoint(resume, runs_dir, algo):
     """The checkpoint RESUME names: None for "" (a new run); for "auto" the newest complete checkpoint of the
     newest `<algo>_*` run folder in runs_dir that has one (newer folders without one — a start that failed, a run
     killed before its first checkpoint — are passed over with a warning), or None (a new run, with a warning) when
-    no run has one, so that a job script can always pass "auto"; for a run folder its newest complete checkpoint; for a checkpoint folder itself.
+    no run has one, so that a job script can always pass "auto"; for a run folder its newest complete checkpoint;
+    for a checkpoint folder itself.
     Half-written checkpoints are skipped with a warning; a named folder without a complete checkpoint is an error."""
     if not resume:
         return None
