@@ -221,6 +221,11 @@ def test_learning_rate_schedules():
     assert learning_rate_at(10, 10, 1e-3, "cosine") == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.9)))
     with pytest.raises(ValueError, match="LR_SCHEDULE"):
         learning_rate_at(1, 10, 1e-3, "linear")
+    # A linear warm-up over the first steps, then the schedule itself; 0 steps: none (the exact same value).
+    assert learning_rate_at(1, 10, 1e-3, "constant", warmup_steps=4) == pytest.approx(0.25e-3)
+    assert learning_rate_at(4, 10, 1e-3, "constant", warmup_steps=4) == 1e-3
+    assert learning_rate_at(2, 10, 1e-3, "cosine", 4) == pytest.approx(learning_rate_at(2, 10, 1e-3, "cosine") / 2)
+    assert all(learning_rate_at(s, 10, 1e-3, "cosine", 0) == learning_rate_at(s, 10, 1e-3, "cosine") for s in range(11))
 
 
 def test_set_learning_rate_follows_each_group_base(make_specs):

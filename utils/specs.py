@@ -256,6 +256,7 @@ class OptimSpec(Spec):
     total_steps: int = constant("TOTAL_STEPS", low=1, resumable=True)
     learning_rate: float = constant("LEARNING_RATE", low=0)
     lr_schedule: str = constant("LR_SCHEDULE", choices=("constant", "cosine"))
+    lr_warmup_steps: int = constant("LR_WARMUP_STEPS", low=0)
     weight_decay: float = constant("WEIGHT_DECAY", low=0)
     epochs: int = constant("PPO_EPOCHS", low=1)
     mini_batches: int = constant("MINI_BATCHES", low=1)
