@@ -30,7 +30,8 @@ from utils.trackers import make_tracker
 class Models:
     """The models of a run. policy: fp32 master weights (FSDP2-sharded under torchrun); rollout: the model that
     generates (the policy itself, or a bf16 / per-rank copy); reference: the frozen starting model, or None;
-    path: the starting model's folder or hub name; image_token_id: None when attention metrics are off."""
+    path: the starting model's folder or hub name; passes: how the trainers' forward passes run (temperature,
+    precision, and the image token id that records attention — None when attention metrics are off)."""
 
     policy: torch.nn.Module
     rollout: torch.nn.Module
@@ -39,13 +40,16 @@ class Models:
     precision: str
     path: str
     policy_device: torch.device
-    image_token_id: int | None
     suppress_ids: list
-    passes: Passes  # how the trainers' forward passes run: temperature, precision, attention recording
+    passes: Passes
 
     @property
     def pad_id(self):
         return self.processor.tokenizer.pad_token_id
+
+    @property
+    def image_token_id(self):
+        return self.passes.image_token_id
 
 
 class StepTimer:
@@ -203,7 +207,7 @@ def load_models(specs, run, reference):
               f"reference: {'yes' if ref else 'none'}, "
               f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
     passes = Passes(specs.rollout.temperature, precision, image_token_id)
-    return Models(policy, rollout, ref, processor, precision, path, policy_device, image_token_id,
+    return Models(policy, rollout, ref, processor, precision, path, policy_device,
                   suppressed_token_ids(processor.tokenizer), passes)
 
 
