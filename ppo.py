@@ -84,11 +84,24 @@ REWARD_SWITCH_STEP = 0  # two-stage rewards: steps 1..N use REWARD_WEIGHTS_EARLY
 REWARD_WEIGHTS_EARLY = {"accuracy": 1.0, "format": 2.0}  # first-stage weights by reward ("accuracy", "format", "mdi")
 
 # ── Algorithm ─────────────────────────────────────────────────────────────────────────────────────
-POLICY_LOSS = "clip"  # "clip": the clipped surrogate of PPO / GRPO / DAPO (utils/rl.py POLICY_LOSSES)
-LOSS_AGGREGATION = "token"  # "token" (DAPO: mean over all tokens) | "sample" (GRPO: mean of sequence means)
+POLICY_LOSS = "clip"  # "clip" | "gspo" | "gspo_token" | "cispo" | "sapo" | "gmpo" | "clip_cov" | "kl_cov"
+LOSS_AGGREGATION = "token"  # "token" (DAPO: mean over tokens) | "sample" (GRPO: of sequence means) | "constant"
 CLIP_EPS_LOW = 0.2  # ratio lower clip: 1 - CLIP_EPS_LOW
 CLIP_EPS_HIGH = 0.2  # ratio upper clip: 1 + CLIP_EPS_HIGH (DAPO's Clip-Higher)
 DUAL_CLIP_C = 0.0  # dual clip: a token with A < 0 loses at most -c·A, whatever its ratio (c > 1, e.g. 3.0); 0 = off
+GSPO_CLIP_EPS_LOW = 3e-4  # gspo, gspo_token: the sequence ratio is clipped to [1 - this, 1 + GSPO_CLIP_EPS_HIGH]
+GSPO_CLIP_EPS_HIGH = 4e-4  # (published 3e-4 and 4e-4: a sequence ratio moves far less than a token's)
+CISPO_CLIP_EPS_LOW = 1.0  # cispo: the importance weight is clipped to [1 - this, 1 + CISPO_CLIP_EPS_HIGH]; 1.0 = no
+CISPO_CLIP_EPS_HIGH = 4.0  # lower bound (as published); 4.0 as in ScaleRL (MiniMax-M1 published no value)
+SAPO_TAU_POS = 1.0  # sapo: temperature of the soft gate for A > 0 (published 1.0) ...
+SAPO_TAU_NEG = 1.05  # ... and for A < 0 (published 1.05); larger = a gate that closes faster
+GMPO_CLIP_EPS = 0.4  # gmpo: each token's log-ratio is clipped to [-this, this] (published 0.4)
+CLIP_COV_FRACTION = 2e-4  # clip_cov: fraction of the batch's tokens whose gradient is removed (published 2e-4) ...
+CLIP_COV_LOW = 1.0  # ... drawn among tokens whose log-prob/advantage covariance is above this (published 1) ...
+CLIP_COV_HIGH = 5.0  # ... and below this (published 5)
+KL_COV_FRACTION = 2e-3  # kl_cov: fraction of the tokens, of highest covariance, given a KL penalty (published 2e-3)
+KL_COV_COEF = 1.0  # kl_cov: coefficient of their |log ratio| penalty (published 1.0)
+TOP_ENTROPY_QUANTILE = 1.0  # fraction of tokens, of highest entropy, that get the policy loss; 1 = off (published 0.2)
 KL_BETA = 0.0  # β of the k3 KL penalty to the reference model; 0 = no reference model is loaded
 ENTROPY_COEF = 0.0  # entropy bonus coefficient (0 = off)
 SCALE_ADVANTAGE_BY_STD = True  # bool; False = Dr.GRPO advantages (R - mean, no division by std)

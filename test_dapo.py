@@ -229,7 +229,7 @@ def test_learning_rate_schedules():
 
 
 def test_set_learning_rate_follows_each_group_base(make_specs):
-    optim = make_specs(LEARNING_RATE=1e-3, LR_SCHEDULE="cosine", TOTAL_STEPS=10).optim
+    optim = make_specs(LEARNING_RATE=1e-3, LR_SCHEDULE="cosine", TOTAL_STEPS=10, LR_WARMUP_STEPS=0).optim
     weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
     optimizer = torch.optim.AdamW([{"params": weights[:1]}, {"params": weights[1:], "base_lr": 1e-2}], lr=1e-3)
     assert set_learning_rate(optimizer, 6, optim) == pytest.approx(0.5e-3)  # LEARNING_RATE's schedule

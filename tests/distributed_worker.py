@@ -29,13 +29,30 @@ def update_specs(**overrides):
     return build_specs({**constants_of(vars(dapo)), "MAX_GRAD_NORM": 1e9, **overrides})
 
 
-def sharded_sgd_step(path, batch, targets, aggregation, micro_batch_size, precision="fp32", optimizer="sgd"):
+# The cases of the parity test: every loss aggregation, and every policy loss with its token choices made to bite
+# (π_old slightly off the policy, so ratios differ from 1; covariance bounds that admit every token).
+PARITY_CASES = {
+    "token": {"LOSS_AGGREGATION": "token"}, "sample": {"LOSS_AGGREGATION": "sample"},
+    "constant": {"LOSS_AGGREGATION": "constant"},
+    **{loss: {"POLICY_LOSS": loss} for loss in ("gspo", "gspo_token", "cispo", "sapo", "gmpo")},
+    "clip_cov": {"POLICY_LOSS": "clip_cov", "CLIP_COV_FRACTION": 0.1, "CLIP_COV_LOW": -100.0, "CLIP_COV_HIGH": 100.0},
+    "kl_cov": {"POLICY_LOSS": "kl_cov", "KL_COV_FRACTION": 0.1},
+    "top_entropy": {"TOP_ENTROPY_QUANTILE": 0.2},
+}
+
+
+def parity_logp_old(case):
+    """The π_old of a parity case in inputs.pt: the policy's own for the aggregations, perturbed for the losses."""
+    return "logp_old" if case in ("token", "sample", "constant") else "logp_old_perturbed"
+
+
+def sharded_sgd_step(path, batch, targets, overrides, micro_batch_size, precision="fp32", optimizer="sgd"):
     """One policy_update of a freshly loaded, FSDP2-sharded policy on this rank's rows (SGD lr 1: the parameter
-    change is minus the gradient). Returns (model, stats)."""
+    change is minus the gradient), with dapo.py's constants and `overrides`. Returns (model, stats)."""
     model = shard_model(load_model(path, "cpu", torch.float32), precision)
     opt = (torch.optim.SGD(model.parameters(), lr=1.0) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-3))
-    specs = update_specs(LOSS_AGGREGATION=aggregation, MICRO_BATCH_SIZE=micro_batch_size)
+    specs = update_specs(MICRO_BATCH_SIZE=micro_batch_size, **overrides)
     stats = policy_update(model, opt, batch, targets, specs.loss, specs.optim, Passes(precision=precision),
                           warn=lambda *_: None)
     return model, stats
@@ -50,15 +67,18 @@ def parity(world, out, inputs):
     """Each rank trains its rows of the global batch; rank 0 saves the full parameters and the statistics."""
     rows = inputs["rows"][world.rank]
     batch = select_rows(inputs["batch"], rows)
-    for aggregation in ("token", "sample"):
-        model, stats = sharded_sgd_step(inputs["path"], batch, rank_targets(inputs, rows), aggregation,
-                                        micro_batch_size=2)
+    for case, overrides in PARITY_CASES.items():
+        model, stats = sharded_sgd_step(inputs["path"], batch, rank_targets(inputs, rows, parity_logp_old(case)),
+                                        overrides, micro_batch_size=2)
         state = gather_full_state_dict(model)
         if world.is_main:
-            torch.save({"state": state, "stats": stats}, os.path.join(out, f"parity_{aggregation}.pt"))
+            torch.save({"state": state, "stats": stats}, os.path.join(out, f"parity_{case}.pt"))
+        if case == "sample":
+            sample_model, sample_state = model, state  # the checkpoint and generation-copy checks below use it
+    model, state = sample_model, sample_state
     # An untied lm_head (as in Qwen2.5-VL-7B) is one more parameter of the root unit.
     untied, stats_untied = sharded_sgd_step(inputs["untied_path"], batch,
-                                            rank_targets(inputs, rows, "logp_old_untied"), "token", micro_batch_size=2)
+                                            rank_targets(inputs, rows, "logp_old_untied"), {}, micro_batch_size=2)
     untied_state = gather_full_state_dict(untied)
     if world.is_main:
         torch.save({"state": untied_state, "stats": stats_untied}, os.path.join(out, "parity_untied.pt"))
@@ -70,7 +90,7 @@ def parity(world, out, inputs):
     if world.rank == 1:
         torch.save({k: v.float() for k, v in copy.state_dict().items()}, os.path.join(out, "generation_copy.pt"))
     # bf16 compute, fp32 master weights: every parameter still receives a gradient and moves.
-    model, stats = sharded_sgd_step(inputs["path"], batch, rank_targets(inputs, rows), "token", micro_batch_size=2,
+    model, stats = sharded_sgd_step(inputs["path"], batch, rank_targets(inputs, rows), {}, micro_batch_size=2,
                                     precision="bf16-mixed", optimizer="adamw")
     after = gather_full_state_dict(model, to_all_ranks=True)
     if world.is_main:
@@ -121,7 +141,7 @@ def dynamic_sampling(world, out, inputs):
     logp_old, _ = batched_logprobs(generator_model, batch, 8)
     advantages = torch.linspace(-1.0, 1.0, len(batch))
     targets = Targets(advantages, batch.completion_mask.float(), logp_old, padding=padding)
-    model, stats = sharded_sgd_step(path, batch, targets, "token", micro_batch_size=3)
+    model, stats = sharded_sgd_step(path, batch, targets, {}, micro_batch_size=3)
     state = gather_full_state_dict(model)
     if world.is_main:
         torch.save({"state": state, "stats": stats, "metrics": metrics, "n_train": n_train,

@@ -145,7 +145,8 @@ def test_a_broken_terminal_does_not_stop_the_run(tmp_path, monkeypatch):
 
 FREE_FORM = {  # constants whose every value of their type is allowed (names, splits, instructions, folders)
     "TRAIN_SPLIT", "EVAL_SPLIT", "IMAGE_KEY", "PROBLEM_KEY", "ANSWER_KEY", "SYSTEM_PROMPT", "MODEL_CACHE_DIR",
-    "RUNS_DIR", "COMPARE_WITH", "RESUME_OVERRIDES", "SEED", "ENTROPY_COEF"}
+    "RUNS_DIR", "COMPARE_WITH", "RESUME_OVERRIDES", "SEED", "ENTROPY_COEF",
+    "CLIP_COV_LOW", "CLIP_COV_HIGH"}  # the covariance bounds: any numbers, CLIP_COV_LOW < CLIP_COV_HIGH
 OUT_OF_DOMAIN_TEXT = {"MODEL_NAME_OR_PATH": "./no/such/model", "DATASET": "./no_such.jsonl",
                       "EVAL_DATASET": "./no_such.jsonl", "REPORT_TO": "nope", "RESUME": "./no_such_run",
                       "POLICY_DEVICE": "gpu", "ROLLOUT_DEVICE": "gpu", "REWARD_WEIGHTS_EARLY": "{'nope': 1.0}"}

@@ -17,16 +17,18 @@ from utils.model import load_model, load_processor, suppressed_token_ids
 from utils.rollout import generate
 from utils.update import Targets, policy_update
 
+from tests.distributed_worker import PARITY_CASES, parity_logp_old
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
 
 
 @pytest.fixture(scope="module")
 def one_process_step(make_specs):
-    def step(path, batch, advantages, logp_old, aggregation):
+    def step(path, batch, advantages, logp_old, overrides=None):
         """The reference: one unsharded process, the whole batch, SGD lr 1. Returns (parameters after, stats)."""
         model = load_model(path, "cpu", torch.float32)
-        specs = make_specs(LOSS_AGGREGATION=aggregation, MICRO_BATCH_SIZE=len(batch), MAX_GRAD_NORM=1e9)
+        specs = make_specs(MICRO_BATCH_SIZE=len(batch), MAX_GRAD_NORM=1e9, **(overrides or {}))
         targets = Targets(advantages, batch.completion_mask.float(), logp_old)
         stats = policy_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, targets, specs.loss,
                               specs.optim, warn=lambda *_: None)
@@ -61,6 +63,8 @@ def torchrun_results(tiny_vlm_path, tmp_path_factory):
     load_processor(tiny_vlm_path).save_pretrained(folder / "untied")
     inputs["untied_path"] = str(folder / "untied")
     inputs["logp_old_untied"], _ = batched_logprobs(untied, batch, 12)
+    noise = torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))
+    inputs["logp_old_perturbed"] = logp_old + 2e-4 * noise  # ratios off 1 for the loss cases
     torch.save(inputs, folder / "inputs.pt")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -70,21 +74,29 @@ def torchrun_results(tiny_vlm_path, tmp_path_factory):
     return folder, inputs
 
 
-@pytest.mark.parametrize("aggregation", ["token", "sample"])
-def test_two_sharded_ranks_step_like_one_process(torchrun_results, one_process_step, aggregation):
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_two_sharded_ranks_step_like_one_process(torchrun_results, one_process_step, case):
+    """Every loss aggregation and every POLICY_LOSS (with TOP_ENTROPY_QUANTILE and the covariance choices made over
+    the whole mini-batch): 2 ranks × micro-batches of 2 take the same step as one process on the whole batch."""
     folder, inputs = torchrun_results
     rows = inputs["rows"]
     tokens = [int(inputs["batch"].completion_mask[r].sum()) for r in rows.values()]
     assert tokens[0] != 3 * tokens[1], "the ranks' valid-token counts must be uneven"
     expected, expected_stats = one_process_step(inputs["path"], inputs["batch"], inputs["advantages"],
-                                                inputs["logp_old"], aggregation)
-    got = torch.load(folder / f"parity_{aggregation}.pt", weights_only=False)
+                                                inputs[parity_logp_old(case)], PARITY_CASES[case])
+    got = torch.load(folder / f"parity_{case}.pt", weights_only=False)
     fresh = load_model(inputs["path"], "cpu", torch.float32).state_dict()
     assert set(got["state"]) == set(expected)
     assert max_difference(got["state"], expected) < 1e-5
     assert max_difference(expected, fresh) > 1e-3  # the step moved the parameters
-    for k in ("loss", "entropy", "grad_norm", "clip_frac_low", "clip_frac_high"):
-        assert got["stats"][k] == pytest.approx(expected_stats[k], rel=1e-5, abs=1e-7), k
+    assert set(got["stats"]) == set(expected_stats)
+    for k, value in expected_stats.items():  # the loss's own statistics (clip, gate, covariance, selected) too
+        if k == "logp_mismatch":  # measured on each rank's first micro-batch, by definition not the whole batch's
+            continue
+        assert got["stats"][k] == pytest.approx(value, rel=1e-5, abs=1e-7), k
+    selecting = {"top_entropy": "entropy_selected_frac", "clip_cov": "cov_frac", "kl_cov": "cov_frac"}
+    if case in selecting:  # the choice bit: some tokens, not all
+        assert 0 < expected_stats[selecting[case]] < 1
 
 
 def test_an_untied_lm_head_is_sharded_and_trained_too(torchrun_results, one_process_step):
@@ -92,7 +104,7 @@ def test_an_untied_lm_head_is_sharded_and_trained_too(torchrun_results, one_proc
     model = load_model(inputs["untied_path"], "cpu", torch.float32)
     assert layout.lm_head(model).weight is not model.get_input_embeddings().weight
     expected, _ = one_process_step(inputs["untied_path"], inputs["batch"], inputs["advantages"],
-                                   inputs["logp_old_untied"], "token")
+                                   inputs["logp_old_untied"])
     got = torch.load(folder / "parity_untied.pt", weights_only=False)
     assert "lm_head.weight" in got["state"] and max_difference(got["state"], expected) < 1e-5
     assert (got["state"]["lm_head.weight"] != layout.lm_head(model).weight).any()
@@ -124,8 +136,7 @@ def test_dynamic_sampling_counts_informative_groups_globally(torchrun_results, o
     assert torch.load(folder / "dynamic_rank1.pt") == {"padding": True, "rows": 2}  # one flat group, zero weight
     assert got["metrics"]["dapo/gen_batches"] == 2 and got["metrics"]["dapo/train_groups"] == 4
     assert got["metrics"]["dapo/kept_group_frac"] == pytest.approx(0.5)  # 4 of the 8 groups sampled
-    expected, expected_stats = one_process_step(inputs["path"], got["batch"], got["advantages"], got["logp_old"],
-                                                "token")
+    expected, expected_stats = one_process_step(inputs["path"], got["batch"], got["advantages"], got["logp_old"])
     assert max_difference(got["state"], expected) < 1e-5
     assert got["stats"]["loss"] == pytest.approx(expected_stats["loss"], rel=1e-5, abs=1e-7)
 

@@ -103,11 +103,13 @@ def test_dapo_stopped_three_ways_resumes_exactly(tiny_vlm_path, tmp_path):
 
 
 @pytest.mark.parametrize("trainer, args, mode", [
-    ("grpo", ["--REWARD_SWITCH_STEP=2"], "kill_after_save"),  # a reference model, two-stage rewards
-    ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1"], "kill_after_save"),
-    ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False"],
-     "kill_while_saving"),
-], ids=["grpo", "ppo-shared-critic", "ppo-separate-critic"])
+    # a reference model, two-stage rewards; and a sequence-level loss
+    ("grpo", ["--REWARD_SWITCH_STEP=2", "--POLICY_LOSS=gspo"], "kill_after_save"),
+    ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--POLICY_LOSS=cispo",
+             "--TOP_ENTROPY_QUANTILE=0.5"], "kill_after_save"),
+    ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False",
+             "--POLICY_LOSS=clip_cov", "--CLIP_COV_FRACTION=0.05", "--CLIP_COV_LOW=-100"], "kill_while_saving"),
+], ids=["grpo-gspo", "ppo-shared-critic-cispo", "ppo-separate-critic-clip_cov"])
 def test_killed_run_resumes_exactly(tiny_vlm_path, tmp_path, trainer, args, mode):
     ok(run(trainer, tmp_path / "ref", *args))
     at = 2 if mode == "kill_after_save" else 4

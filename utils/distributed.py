@@ -197,6 +197,17 @@ def all_gather_counts(count):
     return [int(t.item()) for t in out]
 
 
+def rank_uniform(n_rows, length, seed):
+    """Uniform random numbers [n_rows, length] for this rank's rows of the global batch: its block of one draw of
+    [every rank's rows, the longest length] from `seed`, so that a row gets the same numbers however the batch is
+    split over ranks (rows in rank order). One process: the draw itself."""
+    counts = all_gather_counts(n_rows)
+    longest = int(all_reduce_max(float(length))) if is_distributed() else length
+    offset = sum(counts[: current_world().rank])
+    draw = torch.rand(sum(counts), longest, generator=torch.Generator().manual_seed(seed))
+    return draw[offset : offset + n_rows, :length]
+
+
 # ── Splitting the work ────────────────────────────────────────────────────────────────────────────────────
 
 

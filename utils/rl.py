@@ -5,6 +5,8 @@ contiguous rows, and `group_sizes` lists their sizes (G each, or more after DAPO
 `mask` is 1 on real completion tokens (up to and including the end token).
 """
 
+import math
+
 import torch
 
 
@@ -21,24 +23,36 @@ def group_advantages(rewards, group_sizes, scale_by_std=True, eps=1e-6):
     return torch.cat(out)
 
 
-def clipped_surrogate(logp, logp_old, advantages, loss):
+def clip_terms(ratio, advantages, low, high):
+    """-min(r·A, clip(r, 1 - low, 1 + high)·A) per token, and the tokens whose gradient the clip removed: ratio
+    below 1 - low with A < 0 (clip_frac_low), above 1 + high with A > 0 (clip_frac_high). All [B, L]."""
+    per_token = -torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - low, 1 + high) * advantages)
+    flags = {"clip_frac_low": (ratio < 1 - low) & (advantages < 0),
+             "clip_frac_high": (ratio > 1 + high) & (advantages > 0)}
+    return per_token, flags
+
+
+def sequence_mean(values, mask=None):
+    """Each row's mean over its mask's tokens (None: all), [B, L] -> [B, 1] (0 for a row without any)."""
+    mask = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    return (values * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
+def clipped_surrogate(logp, logp_old, advantages, loss, mask=None, chosen=None):
     """PPO's clipped surrogate, per token: -min(r·A, clip(r, 1 - ε_low, 1 + ε_high)·A), r = exp(logp - logp_old)
     (Schulman et al. 2017; DAPO's Clip-Higher is ε_high > ε_low). With DUAL_CLIP_C = c > 1 (Ye et al. 2020) the
     loss of a negative-advantage token is also bounded by -c·A, so a huge ratio on a bad token cannot blow up the
     update.
 
-    logp, logp_old: [B, L]; advantages: [B, L] (or [B, 1]); loss: the LossSpec (clip_low, clip_high, dual_clip).
-    Returns (loss [B, L], {flag: [B, L] bool}): the tokens whose gradient a clip removed — ratio below 1 - ε_low
-    with A < 0 (clip_frac_low), above 1 + ε_high with A > 0 (clip_frac_high), or beyond the dual clip
-    (clip_frac_dual).
+    The signature of every POLICY_LOSSES entry: logp, logp_old: [B, L]; advantages: [B, L] or [B, 1]; loss: the
+    LossSpec; mask: [B, L], the loss tokens (None: all; the sequence-level losses average over them); chosen:
+    [B, L] bool, the tokens a covariance loss picked (select_tokens), else None.
+    Returns (loss [B, L], {statistic: [B, L] bool or float}): here the tokens whose gradient a clip removed —
+    ratio below 1 - ε_low with A < 0 (clip_frac_low), above 1 + ε_high with A > 0 (clip_frac_high), or beyond the
+    dual clip (clip_frac_dual). policy_loss logs each statistic's mean over the loss tokens as policy/<name>.
     """
-    ratio = torch.exp(logp - logp_old)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - loss.clip_low, 1 + loss.clip_high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
-    flags = {"clip_frac_low": (ratio < 1 - loss.clip_low) & (advantages < 0),
-             "clip_frac_high": (ratio > 1 + loss.clip_high) & (advantages > 0),
-             "clip_frac_dual": torch.zeros_like(per_token, dtype=torch.bool)}
+    per_token, flags = clip_terms(torch.exp(logp - logp_old), advantages, loss.clip_low, loss.clip_high)
+    flags["clip_frac_dual"] = torch.zeros_like(per_token, dtype=torch.bool)
     if loss.dual_clip:
         bound = -loss.dual_clip * advantages  # > 0 where A < 0
         flags["clip_frac_dual"] = (advantages < 0) & (per_token > bound)
@@ -46,29 +60,167 @@ def clipped_surrogate(logp, logp_old, advantages, loss):
     return per_token, flags
 
 
-# POLICY_LOSS -> fn(logp, logp_old, advantages, loss spec) -> (per-token loss [B, L], {statistic: [B, L] bool}).
+def gspo(logp, logp_old, advantages, loss, mask=None, chosen=None):
+    """GSPO (Zheng et al. 2025, arXiv:2507.18071): one ratio per sequence, s = exp(mean_t log r_t), in
+    -min(s·A, clip(s, 1 - ε_low, 1 + ε_high)·A), carried by each token of the sequence (GSPO_CLIP_EPS_LOW/HIGH,
+    published 3e-4 / 4e-4: s moves far less than a token's ratio). The paper's objective is the mean over sequences:
+    LOSS_AGGREGATION="sample"; under "token" a sequence counts by its length. Statistics: clip_frac_low/high (tokens
+    of clipped sequences), seq_log_ratio_abs (mean |log s|, the spread of the sequence ratios)."""
+    log_s = sequence_mean(logp - logp_old, mask)  # [B, 1]
+    per_token, flags = clip_terms(torch.exp(log_s).expand_as(logp), advantages, loss.gspo_clip_low,
+                                  loss.gspo_clip_high)
+    return per_token, {**flags, "seq_log_ratio_abs": log_s.detach().abs().expand_as(logp)}
+
+
+def gspo_token(logp, logp_old, advantages, loss, mask=None, chosen=None):
+    """GSPO-token (Zheng et al. 2025): each token's ratio is sg(s)·π(y_t)/sg(π(y_t)) — the value of the sequence
+    ratio s, the gradient of its own log-prob — so per-token advantages (PPO's GAE, VGR token weights) apply; with
+    one advantage per sequence it equals GSPO in value and gradient. Statistics as GSPO's."""
+    log_s = sequence_mean(logp - logp_old, mask).detach()  # [B, 1]
+    ratio = torch.exp(logp - logp.detach() + log_s)  # value s, gradient s·∇log π(y_t)
+    per_token, flags = clip_terms(ratio, advantages, loss.gspo_clip_low, loss.gspo_clip_high)
+    return per_token, {**flags, "seq_log_ratio_abs": log_s.abs().expand_as(logp)}
+
+
+def cispo(logp, logp_old, advantages, loss, mask=None, chosen=None):
+    """CISPO (MiniMax-M1, arXiv:2506.13585): -sg(clip(r, 1 - ε_low, 1 + ε_high))·A·log π — the importance weight is
+    clipped and detached, and every token keeps its gradient (none is dropped by a clip). CISPO_EPS_LOW 1.0 (no
+    lower bound, as in the paper) and CISPO_EPS_HIGH 4.0 (ScaleRL's CISPO; MiniMax-M1 tuned it without publishing a
+    value). Statistics: is_clip_frac_low/high (tokens whose weight was clipped)."""
+    ratio = torch.exp(logp - logp_old)
+    weight = torch.clamp(ratio, 1 - loss.cispo_clip_low, 1 + loss.cispo_clip_high).detach()
+    return -weight * advantages * logp, {"is_clip_frac_low": ratio < 1 - loss.cispo_clip_low,
+                                         "is_clip_frac_high": ratio > 1 + loss.cispo_clip_high}
+
+
+def sapo(logp, logp_old, advantages, loss, mask=None, chosen=None):
+    """SAPO (Gao et al. 2025, arXiv:2511.20347): a soft gate instead of the hard clip, -A·(4/τ)·σ(τ(r - 1)) with
+    τ = SAPO_TAU_POS for A > 0 and SAPO_TAU_NEG for A < 0 (published 1.0 / 1.05). Its gradient is the policy
+    gradient times the gate 4·σ(1 - σ) (1 at r = 1, fading smoothly as r leaves 1). Statistics: gate_mean (mean
+    gate), gate_frac_below_half (tokens whose gradient the gate more than halved)."""
+    ratio = torch.exp(logp - logp_old)
+    tau = torch.where(advantages > 0, loss.sapo_tau_pos, loss.sapo_tau_neg)
+    sigma = torch.sigmoid(tau * (ratio - 1))
+    gate = (4 * sigma * (1 - sigma)).detach().expand_as(logp)
+    return -advantages * (4 / tau) * sigma, {"gate_mean": gate, "gate_frac_below_half": gate < 0.5}
+
+
+def gmpo(logp, logp_old, advantages, loss, mask=None, chosen=None):
+    """GMPO (Zhao et al. 2025, arXiv:2507.20673): the geometric mean of a sequence's token ratios instead of their
+    arithmetic mean, with each token's log-ratio clipped to [-ε, ε] (GMPO_CLIP_EPS, published 0.4) on the side the
+    advantage pushes it: -A·exp(mean_t sgn(A)·min(sgn(A)·log r_t, sgn(A)·clip(log r_t, -ε, ε))), carried by each
+    token of the sequence (a sequence-level objective, like GSPO's). Statistics: clip_frac (tokens whose log-ratio
+    was clipped), seq_log_ratio_abs."""
+    sign = torch.sign(advantages)
+    log_ratio = logp - logp_old
+    kept = sign * torch.minimum(sign * log_ratio, sign * log_ratio.clamp(-loss.gmpo_clip_eps, loss.gmpo_clip_eps))
+    log_s = sequence_mean(kept, mask)  # [B, 1]
+    per_token = (-advantages * torch.exp(log_s)).expand_as(logp)
+    return per_token, {"clip_frac": (kept != log_ratio) & (advantages != 0),
+                       "seq_log_ratio_abs": log_s.detach().abs().expand_as(logp)}
+
+
+def clip_cov(logp, logp_old, advantages, loss, mask=None, chosen=None):
+    """Clip-Cov (Cui et al. 2025, arXiv:2505.22617): the clipped surrogate with the gradient of a few tokens of high
+    covariance between log-prob and advantage removed — `chosen`: CLIP_COV_FRACTION of the batch's tokens (published
+    2e-4, at least one when > 0), drawn at random among those whose covariance lies in [CLIP_COV_LOW, CLIP_COV_HIGH]
+    (published 1, 5; select_tokens). Such tokens drive entropy down most. Statistic: cov_frac (tokens detached)."""
+    per_token, flags = clipped_surrogate(logp, logp_old, advantages, loss)
+    if chosen is not None:
+        per_token = torch.where(chosen, per_token.detach(), per_token)
+    return per_token, {**flags, "cov_frac": torch.zeros_like(logp, dtype=torch.bool) if chosen is None else chosen}
+
+
+def kl_cov(logp, logp_old, advantages, loss, mask=None, chosen=None):
+    """KL-Cov (Cui et al. 2025): the clipped surrogate plus KL_COV_COEF·|log r| on the KL_COV_FRACTION of the batch's
+    tokens with the highest covariance between log-prob and advantage (`chosen`, select_tokens; published for a 7B
+    model: fraction 2e-3, coefficient 1). Statistic: cov_frac (tokens penalised). The paper applies it to the
+    unclipped -r·A; here it is on the clipped surrogate, so KL_COV_COEF=0 is exactly POLICY_LOSS="clip"."""
+    per_token, flags = clipped_surrogate(logp, logp_old, advantages, loss)
+    if chosen is not None:
+        per_token = per_token + loss.kl_cov_coef * chosen * (logp - logp_old).abs()
+    return per_token, {**flags, "cov_frac": torch.zeros_like(logp, dtype=torch.bool) if chosen is None else chosen}
+
+
+# POLICY_LOSS -> fn(logp, logp_old, advantages, loss, mask, chosen) -> (per-token loss [B, L], {statistic: [B, L]}).
 # A new loss is one function here, one entry in this table and its name among LossSpec's POLICY_LOSS choices.
-POLICY_LOSSES = {"clip": clipped_surrogate}
+POLICY_LOSSES = {"clip": clipped_surrogate, "gspo": gspo, "gspo_token": gspo_token, "cispo": cispo, "sapo": sapo,
+                 "gmpo": gmpo, "clip_cov": clip_cov, "kl_cov": kl_cov}
 
 
-def policy_loss(logp, logp_old, advantages, mask, loss, totals, ref_logp=None, entropy=None):
+def policy_loss(logp, logp_old, advantages, mask, loss, totals, ref_logp=None, entropy=None, selected=None):
     """The policy objective of one micro-batch, as its share of the mini-batch's loss (utils/update.py sums the
     shares): the POLICY_LOSS term, + β·k3 KL to the reference, − the entropy bonus, aggregated over the mask.
 
     logp, logp_old, mask, ref_logp (None: no KL term), entropy (None: no bonus): [b, L]; advantages: [b, L] or
     [b, 1]; loss: the LossSpec; totals: (valid tokens, sequences) of the whole mini-batch, over every rank — the
-    normalisers that make the sum of the shares independent of how the mini-batch is split.
+    normalisers that make the sum of the shares independent of how the mini-batch is split. selected: the token
+    choices of select_tokens for these rows ({"high_entropy": [b, L] bool, "chosen": [b, L] bool}), or None:
+    with TOP_ENTROPY_QUANTILE < 1 only the high-entropy tokens carry the POLICY_LOSS term (every token still
+    counts in the normaliser, as in Wang et al. 2025).
     Returns (loss: a scalar with gradients, {statistic: the sum over the mask's tokens, a float}): one entry per
-    flag of the loss (e.g. clip_frac_low) and "kl"; utils/update.py divides them by the token count.
+    statistic of the loss (e.g. clip_frac_low), "kl", and "entropy_selected_frac" under TOP_ENTROPY_QUANTILE < 1;
+    utils/update.py divides them by the token count.
     """
-    per_token, flags = POLICY_LOSSES[loss.policy_loss](logp, logp_old, advantages, loss)
+    selected = selected or {}
+    per_token, flags = POLICY_LOSSES[loss.policy_loss](logp, logp_old, advantages, loss, mask, selected.get("chosen"))
+    if "high_entropy" in selected:
+        per_token = per_token * selected["high_entropy"]
+        flags["entropy_selected_frac"] = selected["high_entropy"]
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     per_token = per_token + loss.kl_beta * kl - loss.entropy_coef * (entropy if entropy is not None else 0.0)
     with torch.no_grad():
         m = mask.float()
         stats = {name: (flag.float() * m).sum().item() for name, flag in flags.items()}
         stats["kl"] = (kl * m).sum().item()
-    return aggregate(per_token, mask, loss.aggregation, *totals), stats
+    return aggregate(per_token, mask, loss.aggregation, *totals, loss.max_new_tokens), stats
+
+
+def needs_token_selection(loss):
+    """Whether the loss picks tokens by batch statistics (select_tokens): TOP_ENTROPY_QUANTILE < 1, Clip-Cov, KL-Cov."""
+    return loss.top_entropy_quantile < 1 or loss.policy_loss in ("clip_cov", "kl_cov")
+
+
+def select_tokens(logp, entropy, advantages, mask, loss, pool=None, keys=None):
+    """The tokens a loss picks by statistics of the whole mini-batch, computed once before its update from the
+    policy's log-probs and entropies at that point, so that the choice does not depend on how the mini-batch is
+    split into micro-batches or ranks (verl picks them within each micro-batch).
+
+    logp, entropy, mask: [B, L] (mask: the loss tokens); advantages: [B] or [B, L]; pool: maps this rank's values to
+    those of every rank (utils.distributed.gather_rows), None in one process; keys: [B, L] uniform random numbers for
+    Clip-Cov's draw (utils.distributed.rank_uniform: the same for a token however the batch is split; None: drawn
+    here). Returns {"high_entropy": [B, L] bool}
+    with TOP_ENTROPY_QUANTILE = q < 1 — the q fraction of the tokens with the highest entropy (Wang et al. 2025,
+    "Beyond the 80/20 rule", arXiv:2506.01939, published q = 0.2) — and {"chosen": [B, L] bool} for Clip-Cov /
+    KL-Cov: by the covariance (A - mean A)·(log π - mean log π) of each token, centred over the mini-batch.
+    Clip-Cov draws its tokens among those inside its bounds: the ones with the smallest keys.
+    """
+    pool = pool or (lambda values: values)
+    valid = mask.bool()
+    n_valid = pool(logp[valid]).numel()
+    out = {}
+    if loss.top_entropy_quantile < 1:
+        k = max(1, math.ceil(loss.top_entropy_quantile * n_valid))
+        out["high_entropy"] = valid & (entropy >= kth_largest(pool(entropy[valid]), k))
+    if loss.policy_loss in ("clip_cov", "kl_cov"):
+        adv = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand_as(logp)
+        cov = (adv - pool(adv[valid]).mean()) * (logp - pool(logp[valid]).mean())
+        fraction = loss.clip_cov_fraction if loss.policy_loss == "clip_cov" else loss.kl_cov_fraction
+        k = max(1, int(fraction * n_valid)) if fraction > 0 else 0
+        if loss.policy_loss == "kl_cov":
+            out["chosen"] = valid & (cov >= kth_largest(pool(cov[valid]), k))
+        else:  # k tokens drawn among those with covariance inside the bounds: the k smallest keys
+            inside = valid & (cov > loss.clip_cov_low) & (cov < loss.clip_cov_high)
+            keys = torch.rand(logp.shape) if keys is None else keys
+            out["chosen"] = inside & (-keys >= kth_largest(pool(-keys[inside]), k))
+    return out
+
+
+def kth_largest(values, k):
+    """The k-th largest of a 1-D tensor (+inf when k = 0: nothing reaches it; -inf when k exceeds its size)."""
+    if k == 0:
+        return float("inf")
+    return values.topk(k).values[-1] if k <= values.numel() else float("-inf")
 
 
 def k3_kl(logp, ref_logp):
@@ -77,13 +229,15 @@ def k3_kl(logp, ref_logp):
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def aggregate(per_token, mask, level, total_tokens, total_sequences):
+def aggregate(per_token, mask, level, total_tokens, total_sequences, max_new_tokens=None):
     """Reduce a per-token loss of a micro-batch to its share of the whole batch's loss.
 
-    "token":  sum over the micro-batch's valid tokens / total_tokens (valid tokens of the whole batch) —
-              DAPO's token-level mean; the sum of the shares over micro-batches is the same however the
-              batch is split, and so is its gradient.
-    "sample": sum over sequences of each sequence's token mean / total_sequences — GRPO's sample-level mean.
+    "token":    sum over the micro-batch's valid tokens / total_tokens (valid tokens of the whole batch) —
+                DAPO's token-level mean; the sum of the shares over micro-batches is the same however the
+                batch is split, and so is its gradient.
+    "sample":   sum over sequences of each sequence's token mean / total_sequences — GRPO's sample-level mean.
+    "constant": sum over the valid tokens / (total_sequences × max_new_tokens) — Dr.GRPO (Liu et al. 2025,
+                arXiv:2503.20783): a normaliser that depends on neither the lengths nor the batch's token count.
     per_token, mask: [b, L]; returns a scalar.
     """
     mask = mask.to(per_token.dtype)
@@ -92,7 +246,9 @@ def aggregate(per_token, mask, level, total_tokens, total_sequences):
     if level == "sample":
         per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
         return per_sequence.sum() / max(total_sequences, 1)
-    raise ValueError(f"loss aggregation must be 'token' or 'sample', got {level!r}")
+    if level == "constant":
+        return (per_token * mask).sum() / max(total_sequences * max_new_tokens, 1)
+    raise ValueError(f"loss aggregation must be 'token', 'sample' or 'constant', got {level!r}")
 
 
 def is_informative(accuracy):

@@ -20,6 +20,7 @@ import torch
 from utils.attention import STAGES
 from utils.config import UserError
 from utils.precision import PRECISIONS
+from utils.rl import POLICY_LOSSES
 
 
 def constant(name, *, choices=None, low=None, high=None, above=None, resumable=False):
@@ -216,11 +217,25 @@ class RewardSpec(Spec):
 class LossSpec(Spec):
     """The policy objective (utils.rl.policy_loss) and how advantages and the loss mask are formed."""
 
-    policy_loss: str = constant("POLICY_LOSS", choices=("clip",))
-    aggregation: str = constant("LOSS_AGGREGATION", choices=("token", "sample"))
+    policy_loss: str = constant("POLICY_LOSS", choices=tuple(POLICY_LOSSES))
+    aggregation: str = constant("LOSS_AGGREGATION", choices=("token", "sample", "constant"))
+    max_new_tokens: int = constant("MAX_NEW_TOKENS", low=1)  # LOSS_AGGREGATION="constant" divides by it
     clip_low: float = constant("CLIP_EPS_LOW", low=0, high=1)
     clip_high: float = constant("CLIP_EPS_HIGH", low=0)
     dual_clip: float = constant("DUAL_CLIP_C", low=0)
+    gspo_clip_low: float = constant("GSPO_CLIP_EPS_LOW", low=0, high=1)
+    gspo_clip_high: float = constant("GSPO_CLIP_EPS_HIGH", low=0)
+    cispo_clip_low: float = constant("CISPO_CLIP_EPS_LOW", low=0, high=1)
+    cispo_clip_high: float = constant("CISPO_CLIP_EPS_HIGH", low=0)
+    sapo_tau_pos: float = constant("SAPO_TAU_POS", above=0)
+    sapo_tau_neg: float = constant("SAPO_TAU_NEG", above=0)
+    gmpo_clip_eps: float = constant("GMPO_CLIP_EPS", above=0)
+    clip_cov_fraction: float = constant("CLIP_COV_FRACTION", low=0, high=1)
+    clip_cov_low: float = constant("CLIP_COV_LOW")
+    clip_cov_high: float = constant("CLIP_COV_HIGH")
+    kl_cov_fraction: float = constant("KL_COV_FRACTION", low=0, high=1)
+    kl_cov_coef: float = constant("KL_COV_COEF", low=0)
+    top_entropy_quantile: float = constant("TOP_ENTROPY_QUANTILE", above=0, high=1)
     kl_beta: float = constant("KL_BETA", low=0)
     entropy_coef: float = constant("ENTROPY_COEF")
     scale_advantage_by_std: bool = constant("SCALE_ADVANTAGE_BY_STD")
@@ -230,6 +245,8 @@ class LossSpec(Spec):
         if self.clip_low >= 1:
             raise UserError(f"CLIP_EPS_LOW={self.clip_low}: must be below 1 (the ratio's lower clip is "
                             f"1 - CLIP_EPS_LOW)")
+        if self.clip_cov_low >= self.clip_cov_high:
+            raise UserError(f"CLIP_COV_LOW={self.clip_cov_low} must be below CLIP_COV_HIGH={self.clip_cov_high}")
         if self.dual_clip and self.dual_clip <= 1:
             raise UserError(f"DUAL_CLIP_C={self.dual_clip}: the dual-clip bound must be above 1 (e.g. 3.0), "
                             f"or 0 for off")

@@ -10,11 +10,12 @@ import torch
 
 from utils.attention import BucketMasses
 from utils.batch import slice_inputs
-from utils.distributed import all_reduce_mean, all_reduce_sum, equal_passes, grad_norm_value
+from utils.distributed import (all_reduce_mean, all_reduce_sum, equal_passes, gather_rows, grad_norm_value,
+                               rank_uniform)
 from utils.layout import backbone
 from utils.logprobs import Passes, completion_hidden_states, logprobs_from_hidden
 from utils.precision import autocast
-from utils.rl import aggregate, clipped_value_loss, policy_loss
+from utils.rl import aggregate, clipped_value_loss, needs_token_selection, policy_loss, select_tokens
 
 
 @dataclass
@@ -81,6 +82,8 @@ def policy_update(policy, optimizer, batch, targets, loss, optim, passes=Passes(
             own_tokens = 0 if targets.padding else int(targets.loss_mask[mb_rows].sum())
             totals = all_reduce_sum([own_tokens, 0 if targets.padding else len(mb_rows)])  # tokens, sequences
             n_micro = equal_passes(len(mb_rows), micro)  # FSDP: the same number of passes on all ranks
+            selection = token_selection(policy, batch, targets, mb_rows, n_micro, micro, loss, passes) \
+                if needs_token_selection(loss) else None  # TOP_ENTROPY_QUANTILE, Clip-Cov, KL-Cov
             optimizer.zero_grad(set_to_none=True)
             mb_loss, mb_policy_loss = 0.0, 0.0  # the optimised loss, and its policy part
             for start in range(0, n_micro * micro, micro):
@@ -110,7 +113,9 @@ def policy_update(policy, optimizer, batch, targets, loss, optim, passes=Passes(
                 adv = targets.advantages[rows].to(device)  # [b] per sequence, or [b, L] per token
                 adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
                 ref = targets.ref_logp[rows].to(device) if targets.ref_logp is not None else None
-                loss_value, sums = policy_loss(logp, old, adv, mask, loss, totals, ref, entropy)
+                selected = {k: v[start : start + micro].to(device) for k, v in selection.items()} \
+                    if selection is not None and weight else None
+                loss_value, sums = policy_loss(logp, old, adv, mask, loss, totals, ref, entropy, selected)
                 mb_policy_loss += loss_value.item()
                 total_loss = loss_value if train_policy else 0.0
                 if critic is not None:  # a shared critic reads the policy's own pass; a separate one runs its own
@@ -142,6 +147,30 @@ def policy_update(policy, optimizer, batch, targets, loss, optim, passes=Passes(
             updates += 1
     return finish_statistics(stats, flag_sums, valid_tokens, counted_tokens, mismatch_tokens, updates, skipped,
                              (own_logp, own_masses) if own_old else None)
+
+
+def token_selection(policy, batch, targets, rows, n_micro, micro, loss, passes):
+    """utils.rl.select_tokens over the mini-batch `rows`, from the policy's log-probs and entropies before its
+    update: one pass without gradients (n_micro passes of `micro` rows, as many on every rank). Returns
+    {name: [len(rows), L] bool} on the CPU."""
+    device = next(policy.parameters()).device
+    logps, entropies = [], []
+    for start in range(0, n_micro * micro, micro):
+        chunk = rows[start : start + micro]
+        inputs, ids = slice_inputs(batch.prompt_inputs, chunk or [0]), batch.completion_ids[chunk or [0]]
+        with torch.no_grad(), autocast(passes.precision, device):
+            hidden = completion_hidden_states(backbone(policy), inputs, ids, batch.completion_mask[chunk or [0]])
+            logp, entropy = logprobs_from_hidden(policy, hidden, ids, passes.temperature, with_entropy=True)
+        if chunk:
+            logps.append(logp.float().cpu())
+            entropies.append(entropy.float().cpu())
+    own = 0.0 if targets.padding else 1.0  # a padding rank adds no token
+    mask = targets.loss_mask[rows] * own
+    ids = batch.completion_ids[rows] * batch.completion_mask[rows] * own
+    seed = int(all_reduce_sum(float(ids.sum())))  # Clip-Cov's draw: new each batch, the same on every split
+    keys = rank_uniform(0 if targets.padding else len(rows), mask.shape[1], seed)
+    return select_tokens(torch.cat(logps), torch.cat(entropies), targets.advantages[rows], mask, loss,
+                         gather_rows, keys)
 
 
 def critic_loss(critic, values, targets, rows, mask, totals):
