@@ -28,7 +28,7 @@ from utils.config import constants_of, run_cli
 from utils.distributed import rank_rows
 from utils.logprobs import batched_logprobs
 from utils.model import sync_rollout_model
-from utils.rl import group_advantages, loss_tokens
+from utils.rl import group_advantages, loss_tokens, rollout_gap
 from utils.rollout import ReplayBuffer, sample_and_score, sample_step
 from utils.trainer import StepTimer, load_models, start_run, trainable
 from utils.update import Targets, needs_old_logprob_pass, policy_update, set_learning_rate
@@ -100,6 +100,11 @@ CLIP_COV_HIGH = 5.0  # ... and below this (published 5)
 KL_COV_FRACTION = 2e-3  # kl_cov: fraction of the tokens, of highest covariance, given a KL penalty (published 2e-3)
 KL_COV_COEF = 1.0  # kl_cov: coefficient of their |log ratio| penalty (published 1.0)
 TOP_ENTROPY_QUANTILE = 1.0  # fraction of tokens, of highest entropy, that get the policy loss; 1 = off (published 0.2)
+ROLLOUT_CORRECTION = ""  # "" (off) | "tis" (cap the sampler-to-learner weights) | "mis" (mask the tokens beyond bounds)
+ROLLOUT_CORRECTION_LEVEL = "token"  # "token" | "sequence": one weight per token, or their product per sequence
+ROLLOUT_TIS_CAP = 2.0  # tis: weights above this are capped at it
+ROLLOUT_MIS_LOW = 0.5  # mis: tokens (sequences) whose weight is below this ...
+ROLLOUT_MIS_HIGH = 2.0  # ... or above this leave the loss
 KL_BETA = 0.0  # β of the k3 KL penalty to the reference model; 0 = no reference model is loaded
 ENTROPY_COEF = 0.0  # entropy bonus coefficient (0 = off)
 SCALE_ADVANTAGE_BY_STD = True  # bool; False = Dr.GRPO advantages (R - mean, no division by std)
@@ -179,9 +184,9 @@ def main(argv=None):
             #       batch used for one optimizer step by the policy that sampled it needs no π_old pass: the update's
             #       own log-probs (detached, ratio 1) are π_old, and its forward passes give the attention masses. ──
             logp_old, masses = None, None  # [B, L], [layers, B, L, 4]
-            if needs_old_logprob_pass(s.optim, models.rollout is policy,
+            if needs_old_logprob_pass(s.optim, models.old_policy is policy,
                                       s.attention.use_token_weights or bool(reward_weights["mdi"])):
-                logp_old, masses = batched_logprobs(models.rollout, batch, s.optim.micro_batch_size, passes)
+                logp_old, masses = batched_logprobs(models.old_policy, batch, s.optim.micro_batch_size, passes)
             summarise = lambda masses: attention_summary(  # noqa: E731  (π_old's masses, or the update's below)
                 masses, batch.prompt_inputs, batch.completion_mask, models.image_token_id, s.attention.exclude_sink,
                 s.attention.vgr_layers, pool)
@@ -209,6 +214,8 @@ def main(argv=None):
                 logp_old, masses = stats.pop("logp_old"), stats.pop("attention_masses", None)
                 attention, vgr, attention_log = summarise(masses)
             metrics.update(attention_log)
+            metrics.update(rollout_gap(logp_old, batch.sampler_logp, batch.sampler_log_kept, batch.completion_mask,
+                                       pool))  # the sampler's numbers against π_old's (rollout/)
             metrics.update({f"policy/{k}": v for k, v in stats.items()})
             metrics["policy/advantage_abs_mean"] = pool(advantages.abs()).mean().item()
             logged = (batch, advantages, attention, vgr, weights)

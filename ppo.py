@@ -30,7 +30,7 @@ from utils.critic import build_critic
 from utils.distributed import rank_rows
 from utils.logprobs import batched_logprobs
 from utils.model import sync_rollout_model
-from utils.rl import explained_variance, gae, loss_tokens, token_rewards, whiten
+from utils.rl import explained_variance, gae, loss_tokens, rollout_gap, token_rewards, whiten
 from utils.rollout import ReplayBuffer, sample_and_score, sample_step
 from utils.trainer import StepTimer, load_models, start_run, trainable
 from utils.update import Targets, policy_update, set_learning_rate
@@ -102,6 +102,11 @@ CLIP_COV_HIGH = 5.0  # ... and below this (published 5)
 KL_COV_FRACTION = 2e-3  # kl_cov: fraction of the tokens, of highest covariance, given a KL penalty (published 2e-3)
 KL_COV_COEF = 1.0  # kl_cov: coefficient of their |log ratio| penalty (published 1.0)
 TOP_ENTROPY_QUANTILE = 1.0  # fraction of tokens, of highest entropy, that get the policy loss; 1 = off (published 0.2)
+ROLLOUT_CORRECTION = ""  # "" (off) | "tis" (cap the sampler-to-learner weights) | "mis" (mask the tokens beyond bounds)
+ROLLOUT_CORRECTION_LEVEL = "token"  # "token" | "sequence": one weight per token, or their product per sequence
+ROLLOUT_TIS_CAP = 2.0  # tis: weights above this are capped at it
+ROLLOUT_MIS_LOW = 0.5  # mis: tokens (sequences) whose weight is below this ...
+ROLLOUT_MIS_HIGH = 2.0  # ... or above this leave the loss
 KL_BETA = 0.0  # β of the k3 KL penalty to the reference model; 0 = no reference model is loaded
 ENTROPY_COEF = 0.0  # entropy bonus coefficient (0 = off)
 SCALE_ADVANTAGE_BY_STD = True  # bool; False = Dr.GRPO advantages (R - mean, no division by std)
@@ -194,11 +199,13 @@ def main(argv=None):
             valid = batch.completion_mask.bool()  # [B, L]
 
             # ── 2. π_old and the reference's log-probs (the attention masses on the way); the critic's V_old ──
-            logp_old, masses = batched_logprobs(models.rollout, batch, micro, models.passes)  # [B, L]
+            logp_old, masses = batched_logprobs(models.old_policy, batch, micro, models.passes)  # [B, L]
             attention, vgr, attention_log = attention_summary(masses, batch.prompt_inputs, batch.completion_mask,
                                                               models.image_token_id, s.attention.exclude_sink,
                                                               s.attention.vgr_layers, pool)
             metrics.update(attention_log)
+            metrics.update(rollout_gap(logp_old, batch.sampler_logp, batch.sampler_log_kept, batch.completion_mask,
+                                       pool))  # the sampler's numbers against π_old's (rollout/)
             ref_logp = batched_logprobs(models.reference, batch, micro, models.passes, record=False)[0]
             values_old = critic.batched(batch, micro, models.precision)  # [B, L]
             timer.lap("logprob")

@@ -38,6 +38,9 @@ PARITY_CASES = {
     "clip_cov": {"POLICY_LOSS": "clip_cov", "CLIP_COV_FRACTION": 0.1, "CLIP_COV_LOW": -100.0, "CLIP_COV_HIGH": 100.0},
     "kl_cov": {"POLICY_LOSS": "kl_cov", "KL_COV_FRACTION": 0.1},
     "top_entropy": {"TOP_ENTROPY_QUANTILE": 0.2},
+    "tis": {"ROLLOUT_CORRECTION": "tis", "ROLLOUT_TIS_CAP": 1.0},
+    "mis_sequence": {"ROLLOUT_CORRECTION": "mis", "ROLLOUT_CORRECTION_LEVEL": "sequence", "ROLLOUT_MIS_LOW": 0.01,
+                     "ROLLOUT_MIS_HIGH": 2.0},
 }
 
 

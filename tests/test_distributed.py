@@ -76,8 +76,9 @@ def torchrun_results(tiny_vlm_path, tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_two_sharded_ranks_step_like_one_process(torchrun_results, one_process_step, case):
-    """Every loss aggregation and every POLICY_LOSS (with TOP_ENTROPY_QUANTILE and the covariance choices made over
-    the whole mini-batch): 2 ranks × micro-batches of 2 take the same step as one process on the whole batch."""
+    """Every loss aggregation, every POLICY_LOSS (with TOP_ENTROPY_QUANTILE and the covariance choices made over the
+    whole mini-batch) and the rollout corrections: 2 ranks × micro-batches of 2 take the same step as one process on
+    the whole batch."""
     folder, inputs = torchrun_results
     rows = inputs["rows"]
     tokens = [int(inputs["batch"].completion_mask[r].sum()) for r in rows.values()]
@@ -94,7 +95,8 @@ def test_two_sharded_ranks_step_like_one_process(torchrun_results, one_process_s
         if k == "logp_mismatch":  # measured on each rank's first micro-batch, by definition not the whole batch's
             continue
         assert got["stats"][k] == pytest.approx(value, rel=1e-5, abs=1e-7), k
-    selecting = {"top_entropy": "entropy_selected_frac", "clip_cov": "cov_frac", "kl_cov": "cov_frac"}
+    selecting = {"top_entropy": "entropy_selected_frac", "clip_cov": "cov_frac", "kl_cov": "cov_frac",
+                 "tis": "rollout_tis_capped_frac", "mis_sequence": "rollout_mis_masked_frac"}
     if case in selecting:  # the choice bit: some tokens, not all
         assert 0 < expected_stats[selecting[case]] < 1
 

@@ -22,7 +22,7 @@ def assert_greedy_matches_hf_generate(model, processor, n_prompts=5, group_size=
     inputs = encode_prompts(processor, examples(n_prompts))
     assert (inputs["attention_mask"] == 0).any(), "the check needs left padding"
     eos = eos_ids_of(model)
-    ids, _ = sample_completions(model, inputs, group_size, Decoding(max_new_tokens, greedy=True), eos_ids=eos,
+    ids, _, _ = sample_completions(model, inputs, group_size, Decoding(max_new_tokens, greedy=True), eos_ids=eos,
                                 pad_id=pad)
     repeated = slice_inputs(inputs, [i for i in range(n_prompts) for _ in range(group_size)])
     out = model.generate(**repeated, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
@@ -40,10 +40,10 @@ def test_a_policy_in_training_with_gradient_checkpointing_samples_the_same(tiny_
     processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32)
     inputs, pad, eos = encode_prompts(processor, examples(3)), processor.tokenizer.pad_token_id, eos_ids_of(model)
     greedy = Decoding(12, greedy=True)
-    expected, _ = sample_completions(model.eval(), inputs, 2, greedy, eos_ids=eos, pad_id=pad)
+    expected, _, _ = sample_completions(model.eval(), inputs, 2, greedy, eos_ids=eos, pad_id=pad)
     model.gradient_checkpointing_enable()
     model.train()
-    ids, _ = sample_completions(model, inputs, 2, greedy, eos_ids=eos, pad_id=pad)
+    ids, _, _ = sample_completions(model, inputs, 2, greedy, eos_ids=eos, pad_id=pad)
     assert torch.equal(ids, expected) and model.training
 
 
@@ -61,7 +61,8 @@ def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path):
     inputs = encode_prompts(processor, examples(3, seed=4))
     generator = torch.Generator().manual_seed(0)
     decoding = Decoding(20, temperature=2.0, top_p=0.95, suppress_ids=tuple(suppress))
-    ids, logp = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad, generator=generator)  # [3G, L]
+    ids, logp, log_kept = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad,
+                                             generator=generator)
     mask, ended = completion_mask_from_ids(ids, eos)
     assert ids.shape[0] == 3 * G and ids.shape[1] <= 20 and (~ended).any() and ended.any()
     assert (ids[mask == 0] == pad).all() and (logp[mask == 0] == 0).all()
@@ -70,9 +71,13 @@ def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path):
     expected, _ = completion_logprobs(model, repeated, ids, mask, temperature=2.0)
     assert logp.dtype == torch.float32
     assert torch.allclose(logp[mask.bool()], expected[mask.bool()], atol=1e-4)
+    # log_kept: the mass top-p and suppression left (< 0 where they cut, never above 0); under the distribution
+    # actually sampled a token is at least as likely as under the full one.
+    assert (log_kept <= 1e-6).all() and (log_kept[mask.bool()] < -1e-3).any() and (log_kept[mask == 0] == 0).all()
+    assert (logp - log_kept <= 1e-6).all()
     # The same generator state gives the same completions.
-    again, _ = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad,
-                                  generator=torch.Generator().manual_seed(0))
+    again, _, _ = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad,
+                                     generator=torch.Generator().manual_seed(0))
     assert torch.equal(ids, again)
 
 

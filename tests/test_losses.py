@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.rl import (POLICY_LOSSES, aggregate, clipped_surrogate, cispo, gmpo, gspo, kl_cov,
-                      needs_token_selection, policy_loss, sapo, select_tokens)
+                      needs_token_selection, policy_loss, rollout_gap, rollout_weights, sapo, select_tokens)
 
 
 @pytest.fixture
@@ -221,6 +221,75 @@ def test_covariance_choices_follow_their_definitions(loss):
     assert int(chosen.sum()) == min(int(0.05 * mask.sum()), int(inside.sum())) and not (chosen & ~inside).any()
 
 
+# ── rollout correction ───────────────────────────────────────────────────────────────────────────────────
+
+
+def test_tis_caps_and_mis_masks_token_and_sequence_weights(loss):
+    logp_old = torch.log(torch.tensor([[0.5, 0.4, 0.3], [0.2, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.2, 0.4, 0.6], [0.2, 0.1, 0.9]]))  # token ratios 2.5, 1, 0.5 / 1, 2, 1
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    tis = with_(loss, rollout_correction="tis", rollout_tis_cap=2.0, rollout_correction_level="token")
+    w, flags = rollout_weights(logp_old, sampler, mask, tis)
+    assert w.tolist()[0] == pytest.approx([2.0, 1.0, 0.5]) and flags["rollout_tis_capped_frac"].tolist()[0] == [
+        True, False, False]
+    seq = with_(tis, rollout_correction_level="sequence")  # 2.5·1·0.5 = 1.25; 1·2 = 2 (the masked token is out)
+    w, _ = rollout_weights(logp_old, sampler, mask, seq)
+    assert w[0].tolist() == pytest.approx([1.25] * 3) and w[1, :2].tolist() == pytest.approx([2.0, 2.0])
+    mis = with_(loss, rollout_correction="mis", rollout_mis_low=0.6, rollout_mis_high=2.2,
+                rollout_correction_level="token")
+    w, flags = rollout_weights(logp_old, sampler, mask, mis)
+    assert w.tolist() == [[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]] and flags["rollout_mis_masked_frac"][0].tolist() == [
+        True, False, True]
+    totals = (int(mask.sum()), 2)  # in the loss: at ratio 1 with A = 1 each kept token's term is -1 (token mean)
+    corrected, _ = policy_loss(logp_old, logp_old, torch.ones(2, 1), mask, mis, totals, sampler_logp=sampler)
+    plain, _ = policy_loss(logp_old, logp_old, torch.ones(2, 1), mask, mis, totals)  # no sampler log-probs: no weight
+    assert plain.item() == pytest.approx(-1.0) and corrected.item() == pytest.approx(-3 / 5)
+
+
+def test_rollout_gap_compares_full_distributions_and_reports_truncation():
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.9]]))
+    full = torch.log(torch.tensor([[0.5, 0.5, 0.9]]))  # the sampler's full-distribution log-probs; 2nd token off ×2
+    log_kept = torch.tensor([[-0.1, -0.2, 0.0]])  # top-p kept e^-0.1, e^-0.2, all
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    gap = rollout_gap(logp, full - log_kept, log_kept, mask)
+    assert gap["rollout/logp_diff_max"] == pytest.approx(math.log(2)) and gap["rollout/logp_diff_mean"] == \
+        pytest.approx(math.log(2) / 2)
+    assert gap["rollout/kl_k3"] == pytest.approx((0.5 - 1 + math.log(2)) / 2)
+    assert gap["rollout/chi2"] == pytest.approx(0.25 / 2) and gap["rollout/ratio_outside_frac"] == 0.0
+    assert gap["rollout/seq_logp_diff_mean"] == pytest.approx(math.log(2))
+    assert gap["rollout/log_kept_mean"] == pytest.approx(-0.15)
+
+
+def test_a_sampler_that_is_the_learner_in_fp32_gives_weights_of_one(tiny_vlm_path, make_specs):
+    """The policy samples in fp32 at top_p 1: the sampler's log-probs are the learner's (to rounding), every
+    weight is 1, and the corrected update equals the uncorrected one."""
+    from tests.test_model import examples
+    from utils.generation import Decoding
+    from utils.model import load_model, load_processor, suppressed_token_ids
+    from utils.rollout import generate
+    from utils.update import Targets, policy_update
+
+    processor = load_processor(tiny_vlm_path)
+    model = load_model(tiny_vlm_path, "cpu", torch.float32)
+    torch.manual_seed(0)
+    batch = generate(model, processor, examples(3, seed=2), 4, Decoding(12, suppress_ids=()))  # as the update: T = 1
+    mask = batch.completion_mask.float()
+    states = {}
+    for correction in ("", "tis", "mis"):
+        policy = load_model(tiny_vlm_path, "cpu", torch.float32)
+        specs = make_specs(ROLLOUT_CORRECTION=correction, ROLLOUT_CORRECTION_LEVEL="sequence", MAX_GRAD_NORM=1e9)
+        stats = policy_update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch,
+                              Targets(torch.linspace(-1, 1, len(batch)), mask), specs.loss, specs.optim,
+                              warn=lambda *_: None)
+        states[correction] = policy.state_dict()
+        gap = rollout_gap(stats["logp_old"], batch.sampler_logp, batch.sampler_log_kept, mask)
+        assert gap["rollout/logp_diff_max"] < 1e-4 and gap["rollout/log_kept_mean"] == 0.0
+        assert stats.get("rollout_tis_capped_frac", 0.0) == 0.0 and stats.get("rollout_mis_masked_frac", 0.0) == 0.0
+    for correction in ("tis", "mis"):
+        difference = max((states[correction][k] - states[""][k]).abs().max().item() for k in states[""])
+        assert difference < 1e-5, correction
+
+
 # ── every loss in the trainers ───────────────────────────────────────────────────────────────────────────
 
 LOSS_STATISTICS = {"clip": "clip_frac_high", "gspo": "seq_log_ratio_abs", "gspo_token": "seq_log_ratio_abs",
@@ -235,7 +304,10 @@ SHORT_RUN = ["--TOTAL_STEPS=1", "--EVAL_EVERY=1", "--EVAL_SAMPLES=4", "--TRAIN_B
     *[("dapo", [f"--POLICY_LOSS={name}"]) for name in POLICY_LOSSES],
     ("dapo", ["--POLICY_LOSS=gspo", "--LOSS_AGGREGATION=constant", "--TOP_ENTROPY_QUANTILE=0.2"]),
     ("grpo", ["--POLICY_LOSS=gspo_token", "--TOP_ENTROPY_QUANTILE=0.5"]),  # a reference model, KL term
-    ("ppo", ["--POLICY_LOSS=sapo", "--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=4", "--CRITIC_WARMUP_STEPS=0"]),
+    ("ppo", ["--POLICY_LOSS=sapo", "--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=4", "--CRITIC_WARMUP_STEPS=0",
+             "--ROLLOUT_CORRECTION=mis"]),
+    ("dapo", ["--POLICY_LOSS=cispo", "--ROLLOUT_CORRECTION=tis", "--ROLLOUT_CORRECTION_LEVEL=sequence",
+              "--TOP_P=0.9"]),  # top-p: the sampler's distribution is truncated
 ], ids=lambda v: v if isinstance(v, str) else " ".join(a.split("=")[1] for a in v[:1]))
 def test_every_policy_loss_trains_in_the_trainers(tmp_path, trainer, args):
     """One step of each loss: an update with finite statistics, the loss's own among them, under policy/."""
@@ -254,5 +326,10 @@ def test_every_policy_loss_trains_in_the_trainers(tmp_path, trainer, args):
     policy = {k: v for k, v in step.items() if k.startswith("policy/")}
     assert policy and all(math.isfinite(v) for v in policy.values()), policy
     assert step["policy/updates"] >= 1 and step["policy/skipped_updates"] == 0
+    assert all(math.isfinite(v) for k, v in step.items() if k.startswith("rollout/"))
+    if "--TOP_P=0.9" in args:  # the sampler cut the tail: its distribution is truncated, and that is reported
+        assert step["rollout/log_kept_mean"] < 0 and "policy/rollout_tis_capped_frac" in step
+    else:  # the policy samples itself in fp32: the sampler's numbers are the learner's; only the suppressed
+        assert step["rollout/logp_diff_max"] < 1e-3 and -1e-3 < step["rollout/log_kept_mean"] <= 0  # tokens cut
     if "--TOP_ENTROPY_QUANTILE=0.2" in args:
         assert 0 < step["policy/entropy_selected_frac"] <= 0.25

@@ -68,9 +68,11 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
     prompt_inputs: processor batch [B, P], left-padded (on any device; moved to the model's). `generator` drives
     the sampling (None: torch's global generator).
     Returns completion_ids [B*G, L] (the G rows of a prompt contiguous; pad_id after the first end token; L the
-    longest completion, at most decoding.max_new_tokens) and logprobs [B*G, L] fp32: the log-prob of each sampled
+    longest completion, at most decoding.max_new_tokens), logprobs [B*G, L] fp32: the log-prob of each sampled
     token under log_softmax(logits / temperature), before suppression and top-p, i.e. what a teacher-forced pass
-    (utils.logprobs.completion_logprobs) computes; 0 after the end token.
+    (utils.logprobs.completion_logprobs) computes; and log_kept [B*G, L] fp32: the log of the probability mass that
+    suppression and top-p left at that step (0 when they cut nothing), so that the log-prob under the distribution
+    actually sampled is logprobs - log_kept. Both are 0 after the end token.
     """
     if model.training:  # transformers drops the KV cache of a checkpointed layer in training mode; sample in eval
         model.eval()
@@ -98,6 +100,7 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
     suppress = torch.tensor(list(decoding.suppress_ids), dtype=torch.long, device=device)
     completion_ids = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, L_max]
     logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)  # [N, L_max]
+    log_kept = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)  # [N, L_max]
     alive = torch.arange(n, device=device)  # rows still generating; the cache holds exactly these rows
 
     length = 0
@@ -114,6 +117,8 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
             tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         completion_ids[alive, t] = tokens
         logprobs[alive, t] = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        if len(suppress) or top_p < 1.0:  # the mass of the tokens that could still be sampled
+            log_kept[alive, t] = torch.logsumexp(log_probs.masked_fill(scores == float("-inf"), float("-inf")), -1)
         length = t + 1
         running = ~torch.isin(tokens, eos)  # [n_alive]
         if t == max_new_tokens - 1 or not running.any():
@@ -129,4 +134,4 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
                        past_key_values=cache, use_cache=True)
         logits = lm_head(out.last_hidden_state[:, -1])
         next_position = next_position + 1
-    return completion_ids[:, :length], logprobs[:, :length]
+    return completion_ids[:, :length], logprobs[:, :length], log_kept[:, :length]

@@ -148,7 +148,54 @@ POLICY_LOSSES = {"clip": clipped_surrogate, "gspo": gspo, "gspo_token": gspo_tok
                  "gmpo": gmpo, "clip_cov": clip_cov, "kl_cov": kl_cov}
 
 
-def policy_loss(logp, logp_old, advantages, mask, loss, totals, ref_logp=None, entropy=None, selected=None):
+def rollout_weights(logp_old, sampler_logp, mask, loss):
+    """ROLLOUT_CORRECTION's importance weight of each token for the gap between the sampler and the learner:
+    w = π_old / π_sampler per token, or at ROLLOUT_CORRECTION_LEVEL="sequence" the product over the sequence's
+    tokens (on each of them). "tis" (truncated importance sampling, Yao et al. 2025): min(w, ROLLOUT_TIS_CAP);
+    "mis" (masked importance sampling): 1 where ROLLOUT_MIS_LOW <= w <= ROLLOUT_MIS_HIGH, else 0 (the token, or the
+    whole sequence, leaves the loss). The weight is detached: it rescales a token's term, it is not trained.
+
+    logp_old: the learner's π_old [b, L]; sampler_logp: the sampler's log-probs under the distribution it drew from
+    [b, L] (utils.rollout.Rollout); mask: [b, L]. Returns (weight [b, L], {statistic: [b, L] bool}).
+    """
+    log_w = ((logp_old - sampler_logp) * mask).detach()
+    if loss.rollout_correction_level == "sequence":
+        log_w = log_w.sum(1, keepdim=True).expand_as(log_w)
+    w = torch.exp(log_w)
+    if loss.rollout_correction == "tis":
+        return w.clamp(max=loss.rollout_tis_cap), {"rollout_tis_capped_frac": w > loss.rollout_tis_cap}
+    keep = (w >= loss.rollout_mis_low) & (w <= loss.rollout_mis_high)
+    return keep.to(logp_old.dtype), {"rollout_mis_masked_frac": ~keep}
+
+
+def rollout_gap(logp, sampler_logp, sampler_log_kept, mask, pool=None):
+    """How far the sampler's numbers are from the learner's, over the valid tokens: the rollout/ metrics.
+
+    logp: the learner's log-probs of the sampled tokens (π_old) [B, L]; sampler_logp, sampler_log_kept: the sampler's
+    (utils.rollout.Rollout) — compared under its full distribution (sampler_logp + sampler_log_kept), like with like,
+    so that the numbers measure the numeric gap (bf16 copy, KV-cache decoding) and not top-p's truncation, which is
+    reported on its own (log_kept_mean: the mean log of the mass top-p and suppression kept; 0 when they cut
+    nothing). With r = π_learner / π_sampler per token: kl_k3 = mean(r − 1 − log r), an estimate of
+    KL(π_sampler ‖ π_learner) from the sampler's tokens; chi2 = mean((r − 1)²); logp_diff_mean / _max over
+    |log r|; ratio_outside_frac: tokens with r outside [0.5, 2]; seq_logp_diff_mean and seq_ratio_outside_frac: the
+    same for the sequence's ratio (the product over its tokens). pool: as in whiten (every rank's rows)."""
+    pool = pool or (lambda values: values)
+    valid = mask.bool()
+    d = (logp - (sampler_logp + sampler_log_kept)) * mask  # log r, 0 off the mask
+    tokens, seq = pool(d[valid]), pool(d.sum(1)[valid.any(1)])
+    if tokens.numel() == 0:
+        return {}
+    r = torch.exp(tokens)
+    outside = lambda log_r: ((log_r < -math.log(2)) | (log_r > math.log(2))).float().mean().item()  # noqa: E731
+    return {"rollout/kl_k3": (r - 1 - tokens).mean().item(), "rollout/chi2": ((r - 1) ** 2).mean().item(),
+            "rollout/logp_diff_mean": tokens.abs().mean().item(), "rollout/logp_diff_max": tokens.abs().max().item(),
+            "rollout/ratio_outside_frac": outside(tokens), "rollout/seq_logp_diff_mean": seq.abs().mean().item(),
+            "rollout/seq_ratio_outside_frac": outside(seq),
+            "rollout/log_kept_mean": pool(sampler_log_kept[valid]).mean().item()}
+
+
+def policy_loss(logp, logp_old, advantages, mask, loss, totals, ref_logp=None, entropy=None, selected=None,
+                sampler_logp=None):
     """The policy objective of one micro-batch, as its share of the mini-batch's loss (utils/update.py sums the
     shares): the POLICY_LOSS term, + β·k3 KL to the reference, − the entropy bonus, aggregated over the mask.
 
@@ -157,7 +204,8 @@ def policy_loss(logp, logp_old, advantages, mask, loss, totals, ref_logp=None, e
     normalisers that make the sum of the shares independent of how the mini-batch is split. selected: the token
     choices of select_tokens for these rows ({"high_entropy": [b, L] bool, "chosen": [b, L] bool}), or None:
     with TOP_ENTROPY_QUANTILE < 1 only the high-entropy tokens carry the POLICY_LOSS term (every token still
-    counts in the normaliser, as in Wang et al. 2025).
+    counts in the normaliser, as in Wang et al. 2025). sampler_logp: [b, L], the sampler's log-probs, for
+    ROLLOUT_CORRECTION (its weights rescale the POLICY_LOSS term, rollout_weights); None: no correction.
     Returns (loss: a scalar with gradients, {statistic: the sum over the mask's tokens, a float}): one entry per
     statistic of the loss (e.g. clip_frac_low), "kl", and "entropy_selected_frac" under TOP_ENTROPY_QUANTILE < 1;
     utils/update.py divides them by the token count.
@@ -167,6 +215,10 @@ def policy_loss(logp, logp_old, advantages, mask, loss, totals, ref_logp=None, e
     if "high_entropy" in selected:
         per_token = per_token * selected["high_entropy"]
         flags["entropy_selected_frac"] = selected["high_entropy"]
+    if loss.rollout_correction and sampler_logp is not None:
+        weight, correction_flags = rollout_weights(logp_old, sampler_logp, mask, loss)
+        per_token = per_token * weight
+        flags.update(correction_flags)
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     per_token = per_token + loss.kl_beta * kl - loss.entropy_coef * (entropy if entropy is not None else 0.0)
     with torch.no_grad():

@@ -23,7 +23,11 @@ class Rollout:
         pixel_values [patches, D], image_grid_thw [B, 3]); completion_ids [B, L] right-padded;
     completion_mask [B, L]: 1 on generated tokens up to and including the end token;
     truncated [B]: hit the length limit without an end token; texts: decoded completions;
-    examples: the data example behind each row; rewards: {component: [B]} once scored.
+    examples: the data example behind each row; rewards: {component: [B]} once scored;
+    sampler_logp [B, L]: the log-prob of each sampled token under the distribution the sampler actually drew it from
+    (temperature, suppressed tokens and top-p applied); sampler_log_kept [B, L]: the log of the mass suppression and
+    top-p kept (0: nothing cut), so sampler_logp + sampler_log_kept is the log-prob under the sampler's full
+    distribution, the one a teacher-forced pass computes (utils/generation.py). Both 0 after the end token.
     """
 
     prompt_inputs: dict
@@ -34,6 +38,8 @@ class Rollout:
     examples: list = field(default_factory=list)
     rewards: dict = field(default_factory=dict)
     group_sizes: list = field(default_factory=list)  # sizes of its contiguous groups, once known (sample_step)
+    sampler_logp: torch.Tensor | None = None
+    sampler_log_kept: torch.Tensor | None = None
 
     def __len__(self):
         return self.completion_ids.shape[0]
@@ -58,23 +64,26 @@ def generate(model, processor, examples, group_size, decoding, batch_size=None, 
     eos_ids = model.generation_config.eos_token_id
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     prompts_per_batch = max(1, (batch_size or len(examples) * group_size) // group_size)
-    prompts, completions = [], []
+    prompts, completions, logps, kepts = [], [], [], []
     for start in tqdm(range(0, len(examples), prompts_per_batch), desc=desc, leave=False,
                       disable=desc is None or not is_main_process()):
         inputs = encode_prompts(processor, examples[start : start + prompts_per_batch])  # [b, P]
-        ids, _ = sample_completions(model, inputs, group_size, decoding, eos_ids=eos_ids,
-                                    pad_id=tokenizer.pad_token_id)  # [b*G, L]
+        ids, logp, log_kept = sample_completions(model, inputs, group_size, decoding, eos_ids=eos_ids,
+                                                 pad_id=tokenizer.pad_token_id)  # [b*G, L]
         prompts.append(slice_inputs(inputs, [i for i in range(len(inputs["input_ids"])) for _ in range(group_size)]))
         completions.append(ids.cpu())
+        logps.append((logp - log_kept).cpu())  # under the distribution actually sampled
+        kepts.append(log_kept.cpu())
     width = max(c.shape[1] for c in completions)
-    completion_ids = torch.cat(
-        [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in completions]
-    )
+    pad = lambda parts, value: torch.cat(  # noqa: E731
+        [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=value) for c in parts])
+    completion_ids = pad(completions, tokenizer.pad_token_id)
     completion_mask, ended = completion_mask_from_ids(completion_ids, eos_ids)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     prompt_inputs = prompts[0] if len(prompts) == 1 else concat_inputs(prompts)
     repeated = [ex for ex in examples for _ in range(group_size)]
-    return Rollout(prompt_inputs, completion_ids, completion_mask, ~ended, texts, repeated)
+    return Rollout(prompt_inputs, completion_ids, completion_mask, ~ended, texts, repeated,
+                   sampler_logp=pad(logps, 0.0), sampler_log_kept=pad(kepts, 0.0))
 
 
 def sample_and_score(models, examples, n, specs, weights):
@@ -99,6 +108,8 @@ def select_rows(rollout, rows):
         [rollout.texts[i] for i in rows],
         [rollout.examples[i] for i in rows],
         {k: v[rows] for k, v in rollout.rewards.items()},
+        sampler_logp=None if rollout.sampler_logp is None else rollout.sampler_logp[rows],
+        sampler_log_kept=None if rollout.sampler_log_kept is None else rollout.sampler_log_kept[rows],
     )
 
 
@@ -116,6 +127,10 @@ def concat_rollouts(rollouts, pad_token_id):
         [t for r in rollouts for t in r.texts],
         [e for r in rollouts for e in r.examples],
         {k: torch.cat([r.rewards[k] for r in rollouts]) for k in rollouts[0].rewards},
+        sampler_logp=None if any(r.sampler_logp is None for r in rollouts) else
+        torch.cat([pad(r.sampler_logp, 0.0) for r in rollouts]),
+        sampler_log_kept=None if any(r.sampler_log_kept is None for r in rollouts) else
+        torch.cat([pad(r.sampler_log_kept, 0.0) for r in rollouts]),
     )
 
 

@@ -236,6 +236,11 @@ class LossSpec(Spec):
     kl_cov_fraction: float = constant("KL_COV_FRACTION", low=0, high=1)
     kl_cov_coef: float = constant("KL_COV_COEF", low=0)
     top_entropy_quantile: float = constant("TOP_ENTROPY_QUANTILE", above=0, high=1)
+    rollout_correction: str = constant("ROLLOUT_CORRECTION", choices=("", "tis", "mis"))
+    rollout_correction_level: str = constant("ROLLOUT_CORRECTION_LEVEL", choices=("token", "sequence"))
+    rollout_tis_cap: float = constant("ROLLOUT_TIS_CAP", above=0)
+    rollout_mis_low: float = constant("ROLLOUT_MIS_LOW", low=0)
+    rollout_mis_high: float = constant("ROLLOUT_MIS_HIGH", above=0)
     kl_beta: float = constant("KL_BETA", low=0)
     entropy_coef: float = constant("ENTROPY_COEF")
     scale_advantage_by_std: bool = constant("SCALE_ADVANTAGE_BY_STD")
@@ -245,6 +250,9 @@ class LossSpec(Spec):
         if self.clip_low >= 1:
             raise UserError(f"CLIP_EPS_LOW={self.clip_low}: must be below 1 (the ratio's lower clip is "
                             f"1 - CLIP_EPS_LOW)")
+        if self.rollout_mis_low >= self.rollout_mis_high:
+            raise UserError(f"ROLLOUT_MIS_LOW={self.rollout_mis_low} must be below ROLLOUT_MIS_HIGH="
+                            f"{self.rollout_mis_high}")
         if self.clip_cov_low >= self.clip_cov_high:
             raise UserError(f"CLIP_COV_LOW={self.clip_cov_low} must be below CLIP_COV_HIGH={self.clip_cov_high}")
         if self.dual_clip and self.dual_clip <= 1:

@@ -31,7 +31,9 @@ class Models:
     """The models of a run. policy: fp32 master weights (FSDP2-sharded under torchrun); rollout: the model that
     generates (the policy itself, or a bf16 / per-rank copy); reference: the frozen starting model, or None;
     path: the starting model's folder or hub name; passes: how the trainers' forward passes run (temperature,
-    precision, and the image token id that records attention — None when attention metrics are off)."""
+    precision, and the image token id that records attention — None when attention metrics are off); old_policy: the
+    model whose log-probs are π_old — the model that generates, or with ROLLOUT_CORRECTION the policy itself (the
+    learner: the gap to the sampler is then corrected by importance weights, utils.rl.rollout_weights)."""
 
     policy: torch.nn.Module
     rollout: torch.nn.Module
@@ -42,6 +44,7 @@ class Models:
     policy_device: torch.device
     suppress_ids: list
     passes: Passes
+    old_policy: torch.nn.Module
 
     @property
     def pad_id(self):
@@ -208,7 +211,8 @@ def load_models(specs, run, reference):
               f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
     passes = Passes(specs.rollout.temperature, precision, image_token_id)
     return Models(policy, rollout, ref, processor, precision, path, policy_device,
-                  suppressed_token_ids(processor.tokenizer), passes)
+                  suppressed_token_ids(processor.tokenizer), passes,
+                  old_policy=policy if specs.loss.rollout_correction else rollout)
 
 
 def trainable(module):

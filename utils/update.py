@@ -115,7 +115,8 @@ def policy_update(policy, optimizer, batch, targets, loss, optim, passes=Passes(
                 ref = targets.ref_logp[rows].to(device) if targets.ref_logp is not None else None
                 selected = {k: v[start : start + micro].to(device) for k, v in selection.items()} \
                     if selection is not None and weight else None
-                loss_value, sums = policy_loss(logp, old, adv, mask, loss, totals, ref, entropy, selected)
+                sampler = batch.sampler_logp[rows].to(device) if batch.sampler_logp is not None else None
+                loss_value, sums = policy_loss(logp, old, adv, mask, loss, totals, ref, entropy, selected, sampler)
                 mb_policy_loss += loss_value.item()
                 total_loss = loss_value if train_policy else 0.0
                 if critic is not None:  # a shared critic reads the policy's own pass; a separate one runs its own
