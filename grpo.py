@@ -125,7 +125,7 @@ W_MDI = 0.0  # weight of the group-relative MDI reward (more attention to the im
 
 # ── Optimisation ──────────────────────────────────────────────────────────────────────────────────
 TOTAL_STEPS = 200  # training steps (one rollout batch each)
-LEARNING_RATE = 5e-4  # AdamW peak; the tiny model wants ~5e-4, a 3B model ~1e-6
+LEARNING_RATE = 3e-4  # AdamW peak; the tiny model wants ~3e-4 (docs/algorithms.md: why), a 3B model ~1e-6
 LR_SCHEDULE = "cosine"  # "constant" | "cosine" (from LEARNING_RATE at step 1 down to 0 after TOTAL_STEPS)
 LR_WARMUP_STEPS = 10  # first steps ramp the rate up linearly (step/N of it); 0 = off (docs/algorithms.md: why 10)
 WEIGHT_DECAY = 0.0  # AdamW weight decay
