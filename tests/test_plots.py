@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from utils.plot_metrics import (  # noqa: E402
-    plot_attention, plot_dapo_metrics, plot_dapo_vs_grpo_comparison, plot_run, plot_runs, read_config,
-    read_metrics, smooth,
+    plot_attention, plot_dapo_metrics, plot_dapo_vs_grpo_comparison, plot_rollout_gap, plot_run, plot_runs,
+    read_config, read_metrics, smooth,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ STEPS = 40
 STAGES = ("early", "middle", "late", "all")
 
 
-def step_metrics(step, dapo, attention, critic=False):
+def step_metrics(step, dapo, attention, critic=False, rollout=False):
     """One step's metrics from simple formulas; eval every 10 steps; a few nulls and absent policy/* keys."""
     t = step / STEPS
     m = {"step": step, "policy/lr": 5e-4 * (1 + math.cos(math.pi * t)) / 2,
@@ -45,13 +45,18 @@ def step_metrics(step, dapo, attention, critic=False):
     if critic:
         m.update({"critic/value_loss": 2.0 / step, "critic/explained_variance": min(0.9, 0.05 * step) - 0.1,
                   "critic/values/mean": 3.0 * t, "critic/returns/mean": 3.0})
+    if rollout and step % 7 != 0:  # a bf16 sampler: a small gap, some tokens far off
+        m.update({"rollout/logp_diff_mean": 2e-3 * (1 + t), "rollout/logp_diff_max": 0.5 + t, "rollout/kl_k3": 1e-5,
+                  "rollout/chi2": 2e-5, "rollout/ratio_outside_frac": 1e-3 * (step % 3),  # sometimes 0: not drawn
+                  "rollout/seq_ratio_outside_frac": 0.01, "rollout/seq_logp_diff_mean": 0.02,
+                  "rollout/log_kept_mean": 0.0})
     if attention:
         for i, stage in enumerate(STAGES):
             m[f"attention/{stage}/mdi"] = (0.5 + i) * (1 + 0.02 * step) if step % 13 != 3 else None
     return m
 
 
-def make_run(root, name, dapo=True, attention=False, entropy_coef=0.0, tail="", critic=False):
+def make_run(root, name, dapo=True, attention=False, entropy_coef=0.0, tail="", critic=False, rollout=False):
     run_dir = os.path.join(root, name)
     os.makedirs(run_dir)
     config = {"ENTROPY_COEF": entropy_coef, "TOTAL_STEPS": STEPS, "DYNAMIC_SAMPLING": dapo, "EVAL_EVERY": 10}
@@ -60,14 +65,14 @@ def make_run(root, name, dapo=True, attention=False, entropy_coef=0.0, tail="", 
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 0, "eval/accuracy": 0.56, "eval/format": 1.0, "eval/accuracy/count": 0.56}) + "\n")
         for step in range(1, STEPS + 1):
-            f.write(json.dumps(step_metrics(step, dapo, attention, critic)) + "\n")
+            f.write(json.dumps(step_metrics(step, dapo, attention, critic, rollout)) + "\n")
         f.write(tail)
     return run_dir
 
 
 @pytest.fixture
 def dapo_run(tmp_path):
-    return make_run(tmp_path, "dapo_20260101_000000", dapo=True, attention=True, entropy_coef=0.01)
+    return make_run(tmp_path, "dapo_20260101_000000", dapo=True, attention=True, entropy_coef=0.01, rollout=True)
 
 
 @pytest.fixture
@@ -132,6 +137,15 @@ def test_attention_figure_and_none_without_attention(dapo_run, grpo_run, tmp_pat
     assert not os.path.exists(missing)
 
 
+def test_rollout_gap_figure_and_none_without_it(dapo_run, grpo_run, tmp_path):
+    path = str(tmp_path / "gap.png")
+    fig = plot_rollout_gap(dapo_run, path)
+    assert [ax.get_yscale() for ax in fig.axes] == ["log"] * 3
+    assert [len(ax.get_lines()) for ax in fig.axes] == [4, 4, 4]  # two series each: raw and smoothed
+    check_figure(fig, path)
+    assert plot_rollout_gap(grpo_run, str(tmp_path / "none.png")) is None and not os.path.exists(tmp_path / "none.png")
+
+
 def test_runs_overlay(dapo_run, grpo_run, tmp_path):
     path = str(tmp_path / "runs.png")
     fig = plot_runs([dapo_run, grpo_run], path)
@@ -144,7 +158,8 @@ def test_plot_run_writes_expected_files(dapo_run, grpo_run):
     written = plot_run(grpo_run, compare_dir=dapo_run)  # the DAPO run is found from config.json
     assert [os.path.basename(p) for p in written] == ["training_metrics.png", "dapo_vs_grpo.png"]
     written = plot_run(dapo_run, compare_dir=grpo_run)
-    assert [os.path.basename(p) for p in written] == ["training_metrics.png", "attention_mdi.png", "dapo_vs_grpo.png"]
+    assert [os.path.basename(p) for p in written] == ["training_metrics.png", "attention_mdi.png", "rollout_gap.png",
+                                                      "dapo_vs_grpo.png"]
     for path in written:
         assert os.path.dirname(path) == os.path.join(dapo_run, "plots")
         assert 10_000 <= os.path.getsize(path) <= 600_000

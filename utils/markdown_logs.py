@@ -285,8 +285,8 @@ def append_token_weights(path, step, tokenizer, rollout, advantages, n_samples, 
 
 # ── 4. run_terminal.md ───────────────────────────────────────────────────────────────────────────
 METRIC_GROUPS = (("Rewards", "reward/"), ("Policy", "policy/"), ("Critic", "critic/"),
-                 ("Dynamic sampling", "dapo/"), ("Attention", "attention/"), ("Perf", "perf/"), ("Eval", "eval/"),
-                 ("Response", "response/"))
+                 ("Dynamic sampling", "dapo/"), ("Attention", "attention/"), ("Sampler vs learner", "rollout/"),
+                 ("Perf", "perf/"), ("Eval", "eval/"), ("Response", "response/"))
 
 
 def metric_value(value):

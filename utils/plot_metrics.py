@@ -3,7 +3,7 @@
 Usage:
     python -m utils.plot_metrics RUN_DIR
         writes RUN_DIR/plots/training_metrics.png (and attention_mdi.png when the run logged
-        attention/<stage>/mdi), then prints the paths
+        attention/<stage>/mdi, rollout_gap.png when it logged rollout/*), then prints the paths
     python -m utils.plot_metrics RUN_DIR [RUN_DIR ...] [--out FILE]
         overlays the runs in one figure, FILE (default: runs_comparison.png in the current folder)
 
@@ -218,6 +218,29 @@ def plot_attention(run_dir, out_path):
     return _save(fig, out_path)
 
 
+def plot_rollout_gap(run_dir, out_path):
+    """The sampler against the learner (rollout/*, log scales): |Δ log-prob| per token, KL and χ², and the tokens
+    and sequences whose ratio left [0.5, 2]; None, and no file, when the run logged no rollout/ metrics."""
+    records = read_metrics(run_dir)
+    if not any("rollout/logp_diff_mean" in r for r in records):
+        return None
+    positive = lambda v: v if v > 0 else float("nan")  # noqa: E731  (log scale: 0 is not drawn)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, keys, title, ylabel in (
+            (axes[0], ("rollout/logp_diff_mean", "rollout/logp_diff_max"), "|log π_learner − log π_sampler|",
+             "nats / token"),
+            (axes[1], ("rollout/kl_k3", "rollout/chi2"), "KL (k3) and χ² of the ratio", "per token"),
+            (axes[2], ("rollout/ratio_outside_frac", "rollout/seq_ratio_outside_frac"),
+             "Ratio outside [0.5, 2]", "fraction")):
+        for key in keys:
+            draw(ax, records, key, label=key.split("/")[1], transform=positive)
+        if any(not math.isnan(v) for line in ax.get_lines() for v in line.get_ydata()):
+            ax.set_yscale("log")
+        _style(ax, title, ylabel, legend=True)
+    fig.suptitle(f"Sampler vs learner — {_name(run_dir)}", fontsize=12)
+    return _save(fig, out_path)
+
+
 def plot_runs(run_dirs, out_path):
     """Overlay any number of runs, one colour each: rewards, accuracies, loss, entropy, response length."""
     panels = [("reward/total/mean", "Reward (total, mean)", "reward (per completion)"),
@@ -263,6 +286,8 @@ def plot_run(run_dir, compare_dir=None):
     keep(plot_dapo_metrics(run_dir, path), path)
     path = os.path.join(plots, "attention_mdi.png")
     keep(plot_attention(run_dir, path), path)
+    path = os.path.join(plots, "rollout_gap.png")
+    keep(plot_rollout_gap(run_dir, path), path)
     if compare_dir is not None:
         algorithms = (_algorithm(run_dir), _algorithm(compare_dir))
         if "ppo" in algorithms:
