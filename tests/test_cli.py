@@ -192,3 +192,32 @@ def test_every_constant_outside_its_domain_is_one_error_line_and_no_run_folder(m
         assert not os.listdir(tmp_path), f"--{name}={value} left a run folder"
         checked.append(name)
     assert len(checked) >= len(constants_of(vars(module))) - len(FREE_FORM)
+
+
+def test_a_start_that_fails_before_step_0_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    """A data set whose content is wrong, or Ctrl-C while the model loads: one line, and no folder that RESUME=auto
+    or COMPARE_WITH=auto could take for a run. A failure after step 0 keeps the folder (it is a run)."""
+    monkeypatch.delenv("RL_TRACEBACK", raising=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    runs = tmp_path / "runs"
+    code, err = run_main(dapo, [f"--DATASET={empty}", f"--EVAL_DATASET={empty}", f"--RUNS_DIR={runs}"], capsys)
+    last = err.strip().splitlines()[-1]  # (above it: the progress bar of the model load)
+    assert code == 2 and last.startswith("error: ") and (not runs.exists() or not os.listdir(runs)), err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dapo, "load_models", interrupted)
+        code, err = run_main(dapo, [f"--RUNS_DIR={runs}"], capsys)
+    assert code == 130 and err.strip().splitlines()[-1].startswith("interrupted: ") and not os.listdir(runs)
+
+    def fails_after_step_0(*args, **kwargs):
+        raise ValueError("the reward server went away")
+
+    monkeypatch.setattr(dapo, "sample_step", fails_after_step_0)
+    code, err = run_main(dapo, [f"--RUNS_DIR={runs}", "--EVAL_SAMPLES=4", "--PLOT_EVERY=0"], capsys)
+    assert code == 2 and "reward server" in err
+    (kept,) = os.listdir(runs)
+    assert os.path.getsize(runs / kept / "metrics.jsonl") > 0  # its step 0 is there

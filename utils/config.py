@@ -119,7 +119,8 @@ def run_cli(main, argv=None):
     bad constant or value, a missing file or folder, an unsupported model) prints one line to stderr and exits
     with status 2; an interrupt the run could not turn into a checkpoint (Ctrl-C before the step loop, a second
     Ctrl-C in it) prints one line saying what was saved and exits with 130. RL_TRACEBACK=1 shows the traceback
-    instead. Under torchrun the process group is left at the end."""
+    instead. A new run that fails before its step 0 is logged leaves no run folder (utils.runlog). Under torchrun
+    the process group is left at the end."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         module = sys.modules[main.__module__]
@@ -129,17 +130,19 @@ def run_cli(main, argv=None):
 
     try:
         return main(argv)
-    except (ValueError, OSError) as e:  # UserError is a ValueError; OSError: files, hub lookups
-        if os.environ.get("RL_TRACEBACK"):
+    except BaseException as e:
+        if not isinstance(e, SystemExit):  # a new run that failed before its step 0 leaves no folder behind
+            from utils.runlog import discard_unstarted_run
+
+            discard_unstarted_run()
+        if os.environ.get("RL_TRACEBACK") or not isinstance(e, (ValueError, OSError, KeyboardInterrupt)):
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C before the step loop, or a second one in it (utils.checkpoint)
+            print(f"interrupted: {str(e) or 'Ctrl-C before the first training step; nothing was saved'}",
+                  file=sys.stderr)
+            sys.exit(130)
+        message = " ".join(str(e).split()) or type(e).__name__  # UserError is a ValueError; OSError: files, hub
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as e:  # Ctrl-C before the step loop, or a second one in it (utils.checkpoint)
-        if os.environ.get("RL_TRACEBACK"):
-            raise
-        what = str(e) or "Ctrl-C before the first training step; nothing was saved"
-        print(f"interrupted: {what}", file=sys.stderr)
-        sys.exit(130)
     finally:
         close_distributed()

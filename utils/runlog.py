@@ -134,12 +134,33 @@ class QuietRunLog:
         return []
 
 
+_UNSTARTED = []  # the folder of a new run of this process until its step 0 is logged (mark_started)
+
+
 def open_run_log(root, algo, config, script_path, resume=None):
     """The run's log: a RunLog (arguments as there) on rank 0, the one writer, and under torchrun a QuietRunLog
-    with the same folder on every other rank."""
+    with the same folder on every other rank. A new run's folder counts as unstarted until mark_started()."""
     run = RunLog(root, algo, config, script_path, resume) if is_main_process() else None
     run_dir = broadcast_object(run.dir if run is not None else None)
+    if resume is None and run is not None:
+        _UNSTARTED[:] = [run_dir]
     return run if run is not None else QuietRunLog(run_dir)
+
+
+def mark_started():
+    """The run has logged its step 0 (or resumed): its folder is a run from now on, whatever happens."""
+    _UNSTARTED.clear()
+
+
+def discard_unstarted_run():
+    """Remove the folder of a new run that failed before its step 0 was logged (a model or data set that would not
+    load, Ctrl-C during the first model build), so that no folder that looks like a run is left behind for
+    RESUME=auto or COMPARE_WITH=auto to find. Returns the folder removed, or None."""
+    if not _UNSTARTED:
+        return None
+    path = _UNSTARTED.pop()
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 # What the terminal shows each step (everything goes to metrics.jsonl).

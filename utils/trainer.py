@@ -21,7 +21,7 @@ from utils.logprobs import Passes
 from utils.model import (EMBEDDED_MODEL, load_processor, load_reference_model, load_trainable_model,
                          make_rollout_model, resolve_devices, suppressed_token_ids)
 from utils.precision import inference_dtype, resolve_precision
-from utils.runlog import SHOWN_METRICS, comparison_run, open_run_log, perf_metrics
+from utils.runlog import SHOWN_METRICS, comparison_run, mark_started, open_run_log, perf_metrics
 from utils.specs import build_specs
 from utils.trackers import make_tracker
 
@@ -104,6 +104,7 @@ class Run:
             self.print("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
             self.log.log_metrics({"step": 0, **metrics})
             self.tracker.log(metrics, 0)
+        mark_started()  # a failure from here on leaves the folder: it is a run
         self.stop = PreemptionGuard(self.warn)
 
     def evaluate(self):
