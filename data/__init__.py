@@ -1,6 +1,7 @@
 """Data sets: the built-in synthetic task and Hugging Face style VQA sets, behind one function; prompt sampling
 that skips (counts and names) the rows that fail on use."""
 
+import json
 import os
 import random
 
@@ -18,10 +19,24 @@ def has_named_splits(source):
 
 
 def check_source(source, constant):
-    """ValueError when `source` names a local file or folder that does not exist (a hub name is left to the hub)."""
+    """ValueError when `source` names a local file or folder that does not exist (a hub name is left to the hub), or
+    a .jsonl file that is empty or whose first line is not a JSON object — checked before any model is loaded."""
     local = source.endswith((".jsonl", ".parquet")) or source.startswith((".", "/", "~")) or source.count("/") > 1
     if local and not os.path.exists(source):
         raise ValueError(f"{constant}={source!r}: no such file or folder")
+    if source.endswith(".jsonl") and os.path.isfile(source):
+        with open(source, encoding="utf-8", errors="replace") as f:
+            first = next((line.strip() for line in f if line.strip()), None)
+        if first is None:
+            raise ValueError(f"{constant}={source!r}: the file is empty")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise ValueError(f"{constant}={source!r}: its first line is not a JSON object ({first[:60]!r}); a .jsonl "
+                             f"holds one object per line, e.g. {{\"image\": \"a.png\", \"problem\": \"...\", "
+                             f"\"solution\": \"...\"}}")
 
 
 class WithSystemPrompt:

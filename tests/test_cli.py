@@ -201,7 +201,16 @@ def test_a_start_that_fails_before_step_0_leaves_no_run_folder(tmp_path, capsys,
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     runs = tmp_path / "runs"
-    code, err = run_main(dapo, [f"--DATASET={empty}", f"--EVAL_DATASET={empty}", f"--RUNS_DIR={runs}"], capsys)
+    header = tmp_path / "header.jsonl"
+    header.write_text("image,problem,solution\n")
+    for bad, message in ((empty, "the file is empty"), (header, "first line is not a JSON object")):
+        code, err = run_main(dapo, [f"--DATASET={bad}", f"--EVAL_DATASET={bad}", f"--RUNS_DIR={runs}"], capsys)
+        assert code == 2 and err.startswith("error: DATASET=") and message in err and err.count("\n") == 1, err
+        assert not runs.exists()  # checked before any folder or model
+    row = '{"image": "no_such.png", "problem": "How many?", "solution": "A"}\n'
+    broken = tmp_path / "broken.jsonl"  # its rows fail only when loaded: after the folder was made
+    broken.write_text(row * 3)
+    code, err = run_main(dapo, [f"--DATASET={broken}", f"--EVAL_DATASET={broken}", f"--RUNS_DIR={runs}"], capsys)
     last = err.strip().splitlines()[-1]  # (above it: the progress bar of the model load)
     assert code == 2 and last.startswith("error: ") and (not runs.exists() or not os.listdir(runs)), err
 
