@@ -58,7 +58,7 @@ def test_replay_buffer_round_trip(tmp_path):
     assert len(buffer) == 2
     torch.save(buffer.state_dict(), tmp_path / "replay.pt")
     restored = ReplayBuffer(2, 0.5, 0.75)
-    restored.load_state_dict(torch.load(tmp_path / "replay.pt", weights_only=False))
+    restored.load_state_dict(torch.load(tmp_path / "replay.pt", weights_only=True))  # plain values only
     assert [g.rewards["accuracy"].tolist() for g in restored.groups] == [g.rewards["accuracy"].tolist()
                                                                          for g in buffer.groups]
     assert restored.groups.maxlen == 2
@@ -202,3 +202,45 @@ def test_preemption_guard_stops_after_the_step_then_aborts():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_replay_groups_with_images_survive_a_weights_only_load(tmp_path):
+    from PIL import Image
+
+    image = Image.new("RGB", (6, 4), (10, 200, 30))
+    image.putpixel((1, 2), (255, 0, 0))
+    stored = group([1.0, 0.0])
+    stored.examples = [{"image": image, "problem": "?", "solution": "A"}] * 2
+    buffer = ReplayBuffer(2, 0.0, 1.0)
+    buffer.groups.append(stored)
+    torch.save(buffer.state_dict(), tmp_path / "replay.pt")
+    restored = ReplayBuffer(2, 0.0, 1.0)
+    restored.load_state_dict(torch.load(tmp_path / "replay.pt", weights_only=True))
+    (again,) = restored.groups
+    assert again.examples[0] is again.examples[1] and again.examples[0]["problem"] == "?"
+    assert again.examples[0]["image"].mode == "RGB" and list(again.examples[0]["image"].getdata()) == list(
+        image.getdata())
+    assert torch.equal(again.completion_ids, stored.completion_ids) and again.texts == stored.texts
+
+
+class CodeOnLoad:
+    """What a crafted checkpoint could hold: unpickling it would create a file (or run anything else)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_a_crafted_training_state_is_refused_without_running_its_code(tmp_path):
+    marker = tmp_path / "ran"
+    state = tmp_path / "training_state.pt"
+    torch.save({"step": 3, "prompts": CodeOnLoad(str(marker))}, state)
+    with pytest.raises(ValueError, match="refused to load"):
+        ck.load_state_file(str(state))
+    assert not marker.exists()  # nothing ran
+    torch.save({"step": 3, "rng": ck.rng_state()}, state)  # a real one loads
+    assert ck.load_state_file(str(state))["step"] == 3

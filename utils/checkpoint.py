@@ -22,6 +22,7 @@ run that was never stopped. `PreemptionGuard` turns SIGTERM / SIGINT into "check
 import glob
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -49,8 +50,10 @@ def warn(message):
 # ── random number generators ────────────────────────────────────────────────────────────────────
 def rng_state():
     """Every global generator a run draws from: torch (CPU, every CUDA device), python `random`, numpy."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": np.random.get_state()}
+            "python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached]}  # plain: see
+    # load_checkpoint's weights_only
 
 
 def set_rng_state(state):
@@ -58,7 +61,8 @@ def set_rng_state(state):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
 
 
 # ── writing ─────────────────────────────────────────────────────────────────────────────────────
@@ -264,14 +268,24 @@ def resumed_config(checkpoint, config, argv):
     return {k: config[k] if k in given or k not in saved else saved[k] for k in config}
 
 
+def load_state_file(path):
+    """A training-state file, read with torch.load(weights_only=True): tensors and plain python values only (the
+    training state holds nothing else: RNG states as lists, the replay buffer's groups as dicts of tensors), so a
+    crafted file cannot run code while it loads — it fails with one error line instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load: it holds more than tensors and plain values ({first}); "
+                         f"training states are written by this project's trainers only") from None
+
+
 def load_checkpoint(checkpoint, policy, optimizer, prompts, replay=None, critic=None):
     """Restore everything but the policy's weights (the trainer loads those from the checkpoint folder): the
     optimizer, the PromptSampler, the ReplayBuffer, the critic, and last the random number generators, so call it
     after every model is built (and sharded, under torchrun: then every rank calls it). `policy` names the
     optimizer's parameters and tells a separate critic backbone from a shared one. Returns the checkpoint's step."""
-    # Not weights_only: the file holds python objects (RNG states, the replay groups with their images); load only
-    # checkpoints you (or a run of yours) wrote.
-    state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=False)
+    state = load_state_file(os.path.join(checkpoint, STATE_FILE))
     world_size = current_world().world_size
     if state.get("world_size", 1) != world_size:
         raise ValueError(f"RESUME={checkpoint}: written by {state.get('world_size', 1)} process(es), resumed by "
@@ -286,8 +300,7 @@ def load_checkpoint(checkpoint, policy, optimizer, prompts, replay=None, critic=
             set_optimizer_state_dict(trained, optimizer, sharded["optimizer"], options=StateDictOptions(strict=False))
         for name, module in critic_modules(critic, policy).items():
             module.load_state_dict(sharded[f"critic_{name}"])
-        state.update(torch.load(os.path.join(checkpoint, f"rank_{current_world().rank}.pt"), map_location="cpu",
-                                weights_only=False))
+        state.update(load_state_file(os.path.join(checkpoint, f"rank_{current_world().rank}.pt")))
     else:
         optimizer.load_state_dict(state["optimizer"])
         for name, module in critic_modules(critic, policy).items():

@@ -1,9 +1,11 @@
 """Sampling completions (G per prompt)."""
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from data.prompts import encode_prompts
@@ -96,6 +98,41 @@ def sample_and_score(models, examples, n, specs, weights):
                                 rollout.completion_mask.sum(1).tolist(), weights, specs.rewards, r.max_new_tokens)
     rollout.rewards = {k: torch.tensor(v) for k, v in rewards.items()}
     return rollout
+
+
+def plain_rollout(rollout):
+    """A Rollout as tensors and plain python values only (dicts, lists, strings, numbers): what torch.load with
+    weights_only=True reads back. Images become {"image_pixels": uint8 tensor [H, W, C], "image_mode": mode}."""
+    def plain(value):
+        if isinstance(value, Image.Image):
+            return {"image_pixels": torch.from_numpy(np.array(value)), "image_mode": value.mode}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    state = {f.name: plain(getattr(rollout, f.name)) for f in fields(Rollout) if f.name != "examples"}
+    unique = list({id(ex): ex for ex in rollout.examples}.values())  # a group's rows share their example object
+    where = {id(ex): i for i, ex in enumerate(unique)}
+    return {**state, "examples": {"unique": plain(unique), "rows": [where[id(ex)] for ex in rollout.examples]}}
+
+
+def rollout_from_plain(state):
+    """The Rollout that plain_rollout(rollout) describes."""
+    def restore(value):
+        if isinstance(value, dict) and set(value) == {"image_pixels", "image_mode"}:
+            return Image.fromarray(value["image_pixels"].numpy(), value["image_mode"])
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        return value
+
+    state = dict(state)
+    unique = restore(state["examples"]["unique"])
+    state["examples"] = [unique[i] for i in state["examples"]["rows"]]  # shared again, as sampled
+    return Rollout(**state)
 
 
 def select_rows(rollout, rows):
@@ -213,11 +250,11 @@ class ReplayBuffer:
         return len(self.groups)
 
     def state_dict(self):
-        """The stored groups: scored single-group Rollouts, oldest first."""
-        return {"groups": list(self.groups)}
+        """The stored groups, oldest first, as plain values (a checkpoint loads with weights_only)."""
+        return {"groups": [plain_rollout(group) for group in self.groups]}
 
     def load_state_dict(self, state):
-        self.groups = deque(state["groups"], maxlen=self.groups.maxlen)
+        self.groups = deque([rollout_from_plain(group) for group in state["groups"]], maxlen=self.groups.maxlen)
 
     def passes(self, group):
         accuracy, total = group.rewards["accuracy"], group.rewards["total"].float()
