@@ -265,7 +265,7 @@ def test_a_sampler_that_is_the_learner_in_fp32_gives_weights_of_one(tiny_vlm_pat
     weight is 1, and the corrected update equals the uncorrected one."""
     from tests.test_model import examples
     from utils.generation import Decoding
-    from utils.model import load_model, load_processor, suppressed_token_ids
+    from utils.model import load_model, load_processor
     from utils.rollout import generate
     from utils.update import Targets, policy_update
 

@@ -68,3 +68,33 @@ def test_a_pathological_expression_cannot_hang_a_step(monkeypatch):
     start = time.time()
     assert accuracy_reward("Answer: 9^{9^{9^{9^{9}}}}", "3") == 0.0
     assert time.time() - start < 5
+
+
+def test_a_reward_that_raises_hangs_or_gives_nan_scores_zero_and_is_counted(monkeypatch, capsys, make_specs):
+    """One bad completion must not end a run: its failing reward scores 0, counted in the `errors` entry (logged as
+    reward/errors), and a warning names the first failure."""
+    import time
+
+    from utils import rewards as rw
+
+    def picky(completion, solution):
+        if "boom" in completion:
+            raise RuntimeError("parser crashed")
+        if "nan" in completion:
+            return float("nan")
+        if "slow" in completion:
+            time.sleep(5)
+        return 1.0
+
+    monkeypatch.setitem(rw.REWARDS, "format", picky)
+    monkeypatch.setattr(rw, "REWARD_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(rw.guarded_reward, "__defaults__", (0.2,))
+    texts = ["<think>a</think>Answer: A", "boom", "nan", "slow"]
+    start = time.time()
+    scores = rw.score_completions(texts, ["A"] * 4, [5] * 4, {"accuracy": 1.0, "format": 1.0}, make_specs().rewards,
+                                  24)
+    assert time.time() - start < 3  # the slow call was stopped
+    assert scores["format"] == [1.0, 0.0, 0.0, 0.0] and scores["errors"] == [0.0, 1.0, 1.0, 1.0]
+    assert scores["total"][1] == scores["accuracy"][1] * 1.0 + scores["overlong"][1]  # the failure adds 0
+    err = capsys.readouterr()
+    assert "3 reward call(s) failed" in err.out + err.err and "parser crashed" in err.out + err.err

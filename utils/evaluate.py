@@ -9,7 +9,7 @@ from data import example_name, usable_example
 from data.prompts import encode_prompts
 from utils.distributed import all_reduce_sum, gather_objects, rank_share
 from utils.generation import Decoding
-from utils.rewards import REWARDS
+from utils.rewards import score_texts
 from utils.rollout import generate
 
 
@@ -37,7 +37,7 @@ def evaluate(model, processor, dataset, n_samples, rollout, suppress_ids=()):
     texts = generate(model, processor, examples, 1, decoding, rollout.generation_batch_size,
                      desc="eval (greedy)").texts if examples else []
     model.train(was_training)
-    scores = {name: [reward(t, ex["solution"]) for ex, t in zip(examples, texts)] for name, reward in REWARDS.items()}
+    scores, _ = score_texts(texts, [ex["solution"] for ex in examples])  # a failing reward scores 0, warned
     by_kind = defaultdict(list)
     for ex, correct in zip(examples, scores["accuracy"]):
         if "kind" in ex:

@@ -186,7 +186,8 @@ def append_rollout_results(path, step, rollout, advantages, n_samples, image_dir
         out.append(f"Solution: {ex.get('solution', 'n/a')}" + (f" (answer {ex['answer']})" if "answer" in ex else ""))
         out.append("\nCompletion:\n\n" + fence(rollout.texts[row] if row < len(rollout.texts) else ""))
         out.append("| Reward | Value |\n|---|---|")
-        out += [f"| {name} | {num(values[row])} |" for name, values in rewards.items()]
+        out += [f"| {name} | {num(values[row])} |" for name, values in rewards.items()
+                if name != "errors" or values[row]]  # a failed reward call shows up; none, no row
         out.append(f"| advantage | {num(adv[row])} |\n")
         attn = f" {ATTENTION_OFF}\n" if attention is None else "\n\n" + sample_attention_table(attention, row)
         out.append(f"Attention by stage:{attn}")

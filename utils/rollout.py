@@ -328,6 +328,9 @@ def rollout_metrics(rollout):
     metrics = {}
     for name, values in gather_rows(rollout.rewards).items():
         values = values.float()
+        if name == "errors":  # reward calls that raised, hung or gave NaN (scored 0): a count, not a reward
+            metrics["reward/errors"] = values.sum().item()
+            continue
         metrics[f"reward/{name}/mean"] = values.mean().item()
         metrics[f"reward/{name}/std"] = values.std().item() if values.numel() > 1 else 0.0
     lengths = gather_rows(rollout.completion_mask.sum(1))
