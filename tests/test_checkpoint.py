@@ -244,3 +244,31 @@ def test_a_crafted_training_state_is_refused_without_running_its_code(tmp_path):
     assert not marker.exists()  # nothing ran
     torch.save({"step": 3, "rng": ck.rng_state()}, state)  # a real one loads
     assert ck.load_state_file(str(state))["step"] == 3
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_says_so(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import dapo
+    from utils.config import run_cli
+
+    monkeypatch.delenv("RL_TRACEBACK", raising=False)
+    write = ck.write_training_state
+
+    def disk_full_at_step_4(path, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(path, step, *args, **kwargs)
+
+    monkeypatch.setattr(ck, "write_training_state", disk_full_at_step_4)
+    args = ["--TOTAL_STEPS=4", "--SAVE_EVERY=2", "--EVAL_EVERY=4", "--EVAL_SAMPLES=4", "--TRAIN_BATCH_PROMPTS=2",
+            "--GROUP_SIZE=4", "--MAX_NEW_TOKENS=12", "--OVERLONG_BUFFER=4", "--PLOT_EVERY=0", "--COMPARE_WITH=",
+            "--CPU_THREADS=1", f"--RUNS_DIR={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(dapo.main, args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    (run,) = os.listdir(tmp_path)
+    checkpoints = tmp_path / run / "checkpoints"
+    assert exit_.value.code == 2 and err.startswith("error: checkpoint step_4 could not be written (No space left")
+    assert f"{checkpoints / 'step_2'} is intact" in err
+    assert sorted(os.listdir(checkpoints)) == ["step_2"] and (checkpoints / "step_2" / ck.MARKER).exists()

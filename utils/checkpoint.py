@@ -150,6 +150,23 @@ def save_checkpoint(run_dir, step, model, processor, config, optimizer, prompts,
     """
     final = os.path.join(run_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
+    try:
+        write_checkpoint(tmp, final, step, model, processor, config, optimizer, prompts, replay, critic)
+    except OSError as e:  # a full disk, a quota: the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(run_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact: resume from it" if previous else \
+            "there is no earlier checkpoint"
+        raise OSError(f"checkpoint step_{step} could not be written ({e.strerror or e}); its partial folder was "
+                      f"removed and {kept}") from None
+    if current_world().is_main:
+        prune_checkpoints(run_dir, keep)
+    barrier()
+    return final
+
+
+def write_checkpoint(tmp, final, step, model, processor, config, optimizer, prompts, replay, critic):
+    """save_checkpoint's writing: everything into `tmp`, then finalize() renames it to `final`."""
     main = current_world().is_main
     if main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing this very step
@@ -171,9 +188,6 @@ def save_checkpoint(run_dir, step, model, processor, config, optimizer, prompts,
     barrier()
     if main:
         finalize(tmp, final, step)
-        prune_checkpoints(run_dir, keep)
-    barrier()
-    return final
 
 
 def checkpoint_step(path):
