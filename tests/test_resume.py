@@ -45,6 +45,15 @@ elif mode == "sigterm_at_step":  # as a scheduler would, while step `at` is bein
         if metrics["step"] == at:
             os.kill(os.getpid(), signal.SIGTERM)
     RunLog.log_metrics = terminated
+elif mode == "sigterm_during_eval":  # while the held-out evaluation of step `at` runs
+    import utils.trainer as house
+    evaluate, calls = house.evaluate, []
+    def interrupted_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at // 2 + 1:  # EVAL_EVERY=2 (TINY); the first call is step 0's
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+    house.evaluate = interrupted_evaluation
 from utils.config import run_cli
 run_cli(__import__(trainer).main, argv)
 """
@@ -104,15 +113,20 @@ def test_dapo_stopped_three_ways_resumes_exactly(tiny_vlm_path, tmp_path):
 
 @pytest.mark.parametrize("trainer, args, mode", [
     # a reference model, two-stage rewards; and a sequence-level loss
-    ("grpo", ["--REWARD_SWITCH_STEP=2", "--POLICY_LOSS=gspo"], "kill_after_save"),
+    ("grpo", ["--REWARD_SWITCH_STEP=2", "--POLICY_LOSS=gspo"], "sigterm_during_eval"),
     ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--POLICY_LOSS=cispo",
              "--TOP_ENTROPY_QUANTILE=0.5"], "kill_after_save"),
     ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False",
              "--POLICY_LOSS=clip_cov", "--CLIP_COV_FRACTION=0.05", "--CLIP_COV_LOW=-100"], "kill_while_saving"),
-], ids=["grpo-gspo", "ppo-shared-critic-cispo", "ppo-separate-critic-clip_cov"])
+], ids=["grpo-gspo-sigterm-in-eval", "ppo-shared-critic-cispo", "ppo-separate-critic-clip_cov"])
 def test_killed_run_resumes_exactly(tiny_vlm_path, tmp_path, trainer, args, mode):
     ok(run(trainer, tmp_path / "ref", *args))
-    at = 2 if mode == "kill_after_save" else 4
-    assert run(trainer, tmp_path / "runs", *args, mode=mode, at=at).returncode == -9
+    at = 4 if mode == "kill_while_saving" else 2
+    stopped = run(trainer, tmp_path / "runs", *args, mode=mode, at=at)
+    if mode == "sigterm_during_eval":  # the evaluation finishes, then the stop checkpoint of that step is written
+        assert stopped.returncode == 0 and "stopped by SIGTERM after step 2" in stopped.stdout + stopped.stderr
+        assert os.listdir(glob.glob(str(tmp_path / "runs" / "*" / "checkpoints"))[0]) == ["step_2"]
+    else:
+        assert stopped.returncode == -9
     ok(run(trainer, tmp_path / "runs", *args, "--RESUME=auto"))  # the same values again: allowed
     assert metrics(tmp_path / "runs") == metrics(tmp_path / "ref")
