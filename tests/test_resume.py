@@ -112,8 +112,9 @@ def test_dapo_stopped_three_ways_resumes_exactly(tiny_vlm_path, tmp_path):
 
 
 @pytest.mark.parametrize("trainer, args, mode", [
-    # a reference model, two-stage rewards; and a sequence-level loss
-    ("grpo", ["--REWARD_SWITCH_STEP=2", "--POLICY_LOSS=gspo"], "sigterm_during_eval"),
+    # a reference model, two-stage rewards, a sequence-level loss; 6 training prompts, 3 a step: the stop after
+    # step 2 falls exactly on an epoch boundary, and the run goes through two more epochs
+    ("grpo", ["--REWARD_SWITCH_STEP=2", "--POLICY_LOSS=gspo", "--TRAIN_SIZE=6"], "sigterm_during_eval"),
     ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--POLICY_LOSS=cispo",
              "--TOP_ENTROPY_QUANTILE=0.5"], "kill_after_save"),
     ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False",
