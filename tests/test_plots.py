@@ -205,3 +205,23 @@ def test_truncated_last_line_warns_and_still_plots(tmp_path):
     with pytest.warns(UserWarning, match="line 42"):
         fig = plot_dapo_metrics(run_dir, path)
     check_figure(fig, path)
+
+
+def test_overlay_labels_say_what_differs_between_runs(tmp_path):
+    from utils.plot_metrics import run_labels
+
+    def run(name, **config):
+        folder = tmp_path / name
+        folder.mkdir()
+        base = {"DYNAMIC_SAMPLING": True, "POLICY_LOSS": "clip", "SEED": 0, "RUNS_DIR": str(tmp_path), "KL_BETA": 0.0}
+        (folder / "config.json").write_text(json.dumps({**base, **config}))
+        return str(folder)
+
+    a, b, c = run("dapo_1"), run("dapo_2", POLICY_LOSS="gspo"), run("dapo_3", POLICY_LOSS="gspo", SEED=1,
+                                                                      RUNS_DIR="elsewhere")
+    assert run_labels([a, b, c]) == ["POLICY_LOSS=clip SEED=0", "POLICY_LOSS=gspo SEED=0", "POLICY_LOSS=gspo SEED=1"]
+    grpo = run("grpo_1", DYNAMIC_SAMPLING=False, KL_BETA=0.04)  # its own defaults are not a difference
+    assert run_labels([a, grpo]) == ["dapo.py", "grpo.py"]
+    assert run_labels([a, b, grpo]) == ["dapo.py POLICY_LOSS=clip", "dapo.py POLICY_LOSS=gspo",
+                                        "grpo.py POLICY_LOSS=clip"]
+    assert run_labels([a]) == ["dapo_1"]

@@ -241,15 +241,38 @@ def plot_rollout_gap(run_dir, out_path):
     return _save(fig, out_path)
 
 
+NOT_A_DIFFERENCE = {"RUNS_DIR", "RESUME", "RESUME_OVERRIDES", "COMPARE_WITH", "REPORT_TO", "PLOT_EVERY", "LOG_EVERY",
+                    "LOG_SAMPLES", "SAVE_EVERY", "KEEP_CHECKPOINTS", "CPU_THREADS", "MODEL_CACHE_DIR"}
+
+
+def run_labels(run_dirs):
+    """A label per run saying what sets it apart: its trainer when the runs come from several (`dapo.py`), and the
+    constants whose values differ between runs of one trainer (`POLICY_LOSS=gspo SEED=1`) — not those that differ
+    only because the trainers' defaults do, nor those that change only logging, places or speed. The folder name
+    when nothing differs."""
+    configs = [read_config(d) for d in run_dirs]
+    trainers = [_algorithm(d) or _name(d).split("_")[0] for d in run_dirs]
+    keys = sorted({k for c in configs for k in c} - NOT_A_DIFFERENCE)
+    differing = [k for k in keys if any(
+        len({json.dumps(c.get(k), sort_keys=True) for c, t in zip(configs, trainers) if t == trainer}) > 1
+        for trainer in set(trainers))]
+    labels = []
+    for run_dir, config, trainer in zip(run_dirs, configs, trainers):
+        parts = [f"{trainer}.py"] if len(set(trainers)) > 1 else []
+        labels.append(" ".join(parts + [f"{k}={config.get(k)}" for k in differing]) or _name(run_dir))
+    return labels
+
+
 def plot_runs(run_dirs, out_path):
-    """Overlay any number of runs, one colour each: rewards, accuracies, loss, entropy, response length."""
+    """Overlay any number of runs, one colour each: rewards, accuracies, loss, entropy, response length; each run
+    labelled by what sets it apart (run_labels)."""
     panels = [("reward/total/mean", "Reward (total, mean)", "reward (per completion)"),
               ("reward/accuracy/mean", "Sampled accuracy (mean)", "accuracy (fraction)"),
               ("eval/accuracy", "Held-out accuracy (greedy)", "accuracy (fraction)"),
               ("policy/loss", "Policy loss", "loss (per token)"),
               ("policy/entropy", "Entropy (nats / token)", "entropy (nats / token)"),
               ("response/length/mean", "Response length (tokens)", "length (tokens, mean)")]
-    runs = [(_name(d), read_metrics(d)) for d in run_dirs]
+    runs = [(label, read_metrics(d)) for label, d in zip(run_labels(run_dirs), run_dirs)]
     colors = plt.get_cmap("tab10").colors
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     for ax, (key, title, ylabel) in zip(axes.flat, panels):
