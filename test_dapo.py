@@ -158,7 +158,8 @@ def test_rewards_by_hand(make_specs):
     off = score_completions([good], ["B"], [20], {"accuracy": 1.0, "format": 0.0},
                             make_specs(SOFT_OVERLONG_PUNISHMENT=False).rewards, max_length=20)
     assert off["overlong"] == [0.0] and off["total"] == [1.0]
-    assert list(scores) == ["accuracy", "format", "overlong", "total"]  # every reward of REWARDS, then the shaping
+    assert list(scores) == ["accuracy", "format", "overlong", "total", "errors"]  # every reward, the shaping, failures
+    assert scores["errors"] == [0.0, 0.0]
 
 
 def test_two_stage_reward_weights_switch_at_the_step(make_specs):

@@ -120,7 +120,7 @@ def test_wrong_types_are_errors(arg):
                                           ("--TOP_P=1.5", "TOP_P"), ("--MAX_OBJECTS=9", "MAX_OBJECTS=9: must be"),
                                           ("--QUESTION_KINDS=['count','size']", "QUESTION_KINDS"),
                                           ("--PRECISION=bf16", "'auto' | 'bf16-mixed' | 'fp32'"),
-                                          ("--POLICY_LOSS=gspo", "POLICY_LOSS='gspo': expected 'clip'"),
+                                          ("--POLICY_LOSS=ppo2", "POLICY_LOSS='ppo2': expected 'clip' | 'gspo'"),
                                           ("--POLICY_DEVICE=gpu", "POLICY_DEVICE='gpu': expected 'auto', 'cpu'")])
 def test_values_outside_the_allowed_ones_are_errors(arg, message):
     cfg = apply_overrides(constants_of(vars(dapo)), arg.split(" "))
@@ -156,7 +156,8 @@ def test_every_constant_fills_exactly_one_spec_field():
 
     named = [f.metadata["constant"] for cls in (*SPEC_CLASSES.values(), CriticSpec) for f in fields(cls)
              if f.metadata.get("constant")] + [f"W_{name.upper()}" for name in reward_names()]
-    assert len(named) == len(set(named))
+    shared = {"MAX_NEW_TOKENS"}  # the rollout's length limit, and Dr.GRPO's normaliser (LOSS_AGGREGATION="constant")
+    assert {n for n in named if named.count(n) > 1} == shared and len(named) == len(set(named)) + len(shared)
     assert set(named) == set(constants_of(vars(ppo)))
     assert resumable_constants() >= {"TOTAL_STEPS", "RUNS_DIR", "MICRO_BATCH_SIZE", "RESUME"}
     assert not resumable_constants() & {"LEARNING_RATE", "CLIP_EPS_HIGH", "GROUP_SIZE", "SEED"}
