@@ -77,10 +77,14 @@ def table(summaries, budget=None):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def split_overrides(argv):
+    """(the script's own arguments, the trainer overrides after `--`)."""
     argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    return (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+
+
+def main(argv=None):
+    argv, extra = split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trainer", help="dapo.py, grpo.py or ppo.py")
     parser.add_argument("--seeds", default="0-2", help='"0-9" or "0,1,2" (default 0-2)')

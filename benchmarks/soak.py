@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from seeds import split_overrides  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--TRAIN_BATCH_PROMPTS=2", "--GROUP_SIZE=4", "--MAX_NEW_TOKENS=16", "--OVERLONG_BUFFER=4", "--EVAL_EVERY=500",
         "--EVAL_SAMPLES=16", "--SAVE_EVERY=100", "--KEEP_CHECKPOINTS=2", "--LOG_EVERY=50", "--PLOT_EVERY=500",
@@ -54,9 +56,7 @@ def folder_bytes(run_dir, pattern):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trainer", default="dapo.py")
     parser.add_argument("--steps", type=int, default=2000)
