@@ -129,8 +129,9 @@ def _name(run_dir):
 
 # ── Figures ────────────────────────────────────────────────────────────────────────────────────────────────
 def plot_dapo_metrics(run_dir, out_path):
-    """2x3 panels of one run: loss, entropy bonus term, reward, entropy, dynamic sampling (for a PPO run: the
-    critic's value loss and explained variance), response length."""
+    """2x3 panels of one run: loss, held-out accuracy (the entropy bonus term instead when ENTROPY_COEF > 0),
+    reward, entropy, dynamic sampling (for a PPO run: the critic's value loss and explained variance), response
+    length."""
     records, config = read_metrics(run_dir), read_config(run_dir)
     coef = config.get("ENTROPY_COEF", 0.0)
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
@@ -139,9 +140,13 @@ def plot_dapo_metrics(run_dir, out_path):
     draw(loss_ax, records, "policy/loss", color="tab:blue")
     _style(loss_ax, "Policy loss", "loss (per token)")
 
-    draw(bonus_ax, records, "policy/entropy", color="tab:purple", transform=lambda h: -coef * h)
-    _style(bonus_ax, f"Entropy bonus term (−ENTROPY_COEF·entropy)\nENTROPY_COEF = {coef:g}",
-           "loss term (coef × nats / token)")
+    if coef:  # the bonus is part of the loss: show it
+        draw(bonus_ax, records, "policy/entropy", color="tab:purple", transform=lambda h: -coef * h)
+        _style(bonus_ax, f"Entropy bonus term (−ENTROPY_COEF·entropy)\nENTROPY_COEF = {coef:g}",
+               "loss term (coef × nats / token)")
+    else:  # no bonus: the panel shows the number that matters
+        draw(bonus_ax, records, "eval/accuracy", color="tab:red")
+        _style(bonus_ax, "Held-out accuracy (greedy)", "accuracy (fraction)")
 
     draw(reward_ax, records, "reward/total/mean", label="total (mean)", color="tab:green")
     draw(reward_ax, records, "reward/accuracy/mean", label="accuracy (mean)", color="tab:red")
