@@ -65,8 +65,8 @@ def main(argv=None):
     runs = tempfile.mkdtemp(prefix="soak_")
     command = [sys.executable, os.path.join(ROOT, args.trainer), f"--TOTAL_STEPS={args.steps}", f"--RUNS_DIR={runs}",
                *FAST, *extra]
-    child = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    log = open(os.path.join(runs, "trainer.log"), "w")  # a file, not a pipe nobody reads: a full pipe blocks the run
+    child = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"), stdout=log, stderr=log)
     memory = {}  # step -> resident MiB when metrics.jsonl had reached it
     start, run_dir = time.time(), None
     while child.poll() is None and time.time() - start < args.minutes * 60:
@@ -83,7 +83,7 @@ def main(argv=None):
         child.terminate()  # a stop checkpoint, then exit
         child.wait(timeout=300)
     elif child.returncode:
-        sys.exit(f"the run failed:\n{child.stderr.read()[-3000:]}")
+        sys.exit(f"the run failed:\n{open(log.name).read()[-3000:]}")
     last, times = steps_logged(os.path.join(run_dir, "metrics.jsonl"))
     print(f"{args.trainer} with {' '.join(FAST + extra)}: {last} steps in {time.time() - start:.0f} s")
     print("| step | resident memory (MiB) | step time (s, mean of the 50 steps before) |\n|---|---|---|")
