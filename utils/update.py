@@ -167,10 +167,11 @@ def token_selection(policy, batch, targets, rows, n_micro, micro, loss, passes):
             entropies.append(entropy.float().cpu())
     own = 0.0 if targets.padding else 1.0  # a padding rank adds no token
     mask = targets.loss_mask[rows] * own
-    ids = batch.completion_ids[rows] * batch.completion_mask[rows] * own
-    seed = int(all_reduce_sum(float(ids.sum())))  # Clip-Cov's draw: new each batch, the same on every split
-    keys = rank_uniform(0 if targets.padding else len(rows), mask.shape[1], seed)  # a padding rank: no rows drawn
-    keys = torch.ones_like(mask) if targets.padding else keys  # (its tokens are never chosen: its mask is 0)
+    keys = None
+    if loss.policy_loss == "clip_cov":  # its random draw: new each batch, the same on every split
+        seed = int(all_reduce_sum(float((batch.completion_ids[rows] * batch.completion_mask[rows] * own).sum())))
+        keys = rank_uniform(0 if targets.padding else len(rows), mask.shape[1], seed)  # a padding rank: no rows
+        keys = torch.ones_like(mask) if targets.padding else keys  # (its tokens are never chosen: its mask is 0)
     return select_tokens(torch.cat(logps), torch.cat(entropies), targets.advantages[rows], mask, loss,
                          gather_rows, keys)
 
