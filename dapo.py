@@ -26,6 +26,7 @@ from data import PromptSampler, load_datasets
 from utils.attention import add_mdi_reward, attention_summary, token_weight_metrics, token_weights
 from utils.config import constants_of, run_cli
 from utils.distributed import rank_rows
+from utils.grounding import grounding_metrics, visual_dependency
 from utils.logprobs import batched_logprobs
 from utils.model import sync_rollout_model
 from utils.rl import group_advantages, loss_tokens, rollout_gap
@@ -63,6 +64,10 @@ ANSWER_KEY = "auto"  # solution column: "auto" = "solution" or "answer" | column
 SYSTEM_PROMPT = "auto"  # "auto" = letter form for multiple choice, \boxed{}/Answer: otherwise | your instruction
 MAX_PROMPT_TOKENS = 1024  # rows whose prompt (image tokens included) is longer are skipped at load; 0 = no limit
 EVAL_SAMPLES = 240  # held-out examples scored at each evaluation
+EVAL_TEMPERATURE = 0.0  # 0 = greedy; above 0, EVAL_SAMPLES_PER_PROMPT completions per question are sampled at it
+EVAL_TOP_P = 1.0  # nucleus sampling of the evaluation when EVAL_TEMPERATURE > 0; 1.0 = off
+EVAL_SAMPLES_PER_PROMPT = 1  # k; above 1 also logs eval/mean_at_k and eval/pass_at_k (needs EVAL_TEMPERATURE > 0)
+EVAL_BLANK_IMAGE = True  # bool; also score the questions with blank images: eval/accuracy_blank_image, grounding_gap
 
 # ── Rollout ───────────────────────────────────────────────────────────────────────────────────────
 TRAIN_BATCH_PROMPTS = 8  # prompts (groups) per training batch
@@ -121,11 +126,13 @@ OVERLONG_FILTERING = True  # bool; truncated completions get loss weight 0
 ATTENTION_METRICS = True  # bool; attention mass on image / text / completion keys, logged every step
 ATTENTION_EXCLUDE_SINK = True  # bool; keep the first prompt token (the attention sink) out of the text bucket
 VGR_LAYERS = "late"  # layers whose attention defines VGR: "early" | "middle" | "late" | "all"
-USE_TOKEN_WEIGHTS = False  # bool; scale each token's advantage by a weight from its VGR (ablation)
+USE_TOKEN_WEIGHTS = False  # bool; scale each token's advantage by a weight from TOKEN_WEIGHT_SOURCE (ablation)
+TOKEN_WEIGHT_SOURCE = "vgr"  # "vgr" (attention: more weight to tokens that look at the image) | "visual_kl" (grounding)
 TOKEN_WEIGHT_MIN = 0.2  # lower clip of the token weights (their mean is 1)
 TOKEN_WEIGHT_MAX = 3.0  # upper clip of the token weights
 TOKEN_WEIGHT_SMOOTHING = 0.0  # σ in tokens of a Gaussian smoothing of the weights; 0 = off
 W_MDI = 0.0  # weight of the group-relative MDI reward (more attention to the image than the group); 0 = off
+GROUNDING_EVERY = 10  # steps between visual-dependency passes (grounding/: KL with the image vs blank); 0 = off
 
 # ── Optimisation ──────────────────────────────────────────────────────────────────────────────────
 TOTAL_STEPS = 200  # training steps (one rollout batch each)
@@ -192,6 +199,8 @@ def main(argv=None):
                 s.attention.vgr_layers, pool)
             attention, vgr, attention_log = summarise(masses)
             ref_logp, _ = batched_logprobs(models.reference, batch, s.optim.micro_batch_size, passes, record=False)
+            visual = visual_dependency(models.old_policy, batch, s.optim.micro_batch_size, passes.temperature) \
+                if s.attention.grounding_due(step) else None  # per token: KL(π(·|image) ‖ π(·|blank image))
             timer.lap("logprob")
 
             # ── 3. Advantages: group-normalised rewards (+ the MDI reward), optionally weighted per token ──
@@ -200,8 +209,9 @@ def main(argv=None):
                                           s.loss.scale_advantage_by_std)  # [B]
             loss_mask = loss_tokens(batch, s.loss.overlong_filtering)  # [B, L]; DAPO: none of a truncated one
             weights = None
-            if s.attention.use_token_weights:
-                weights = token_weights(vgr, batch.completion_mask, *s.attention.token_weight_settings)  # [B, L]
+            if s.attention.use_token_weights:  # from VGR (attention) or the visual dependency
+                signal = visual.kl if s.attention.token_weight_source == "visual_kl" else vgr
+                weights = token_weights(signal, batch.completion_mask, *s.attention.token_weight_settings)  # [B, L]
                 advantages = advantages.unsqueeze(1) * weights  # [B, L]
                 metrics.update(token_weight_metrics(weights, batch.completion_mask, pool))
 
@@ -216,9 +226,10 @@ def main(argv=None):
             metrics.update(attention_log)
             metrics.update(rollout_gap(logp_old, batch.sampler_logp, batch.sampler_log_kept, batch.completion_mask,
                                        pool))  # the sampler's numbers against π_old's (rollout/)
+            metrics.update(grounding_metrics(visual, batch.completion_mask, masses, pool))  # {} when not measured
             metrics.update({f"policy/{k}": v for k, v in stats.items()})
             metrics["policy/advantage_abs_mean"] = pool(advantages.abs()).mean().item()
-            logged = (batch, advantages, attention, vgr, weights)
+            logged = (batch, advantages, attention, vgr, weights, visual)
 
         # ── 5. Log, evaluate, checkpoint ──
         run.end_step(metrics, timer, everything, logged)

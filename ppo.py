@@ -28,6 +28,7 @@ from utils.attention import add_mdi_reward, attention_summary, token_weight_metr
 from utils.config import constants_of, run_cli
 from utils.critic import build_critic
 from utils.distributed import rank_rows
+from utils.grounding import grounding_metrics, visual_dependency
 from utils.logprobs import batched_logprobs
 from utils.model import sync_rollout_model
 from utils.rl import explained_variance, gae, loss_tokens, rollout_gap, token_rewards, whiten
@@ -65,6 +66,10 @@ ANSWER_KEY = "auto"  # solution column: "auto" = "solution" or "answer" | column
 SYSTEM_PROMPT = "auto"  # "auto" = letter form for multiple choice, \boxed{}/Answer: otherwise | your instruction
 MAX_PROMPT_TOKENS = 1024  # rows whose prompt (image tokens included) is longer are skipped at load; 0 = no limit
 EVAL_SAMPLES = 240  # held-out examples scored at each evaluation
+EVAL_TEMPERATURE = 0.0  # 0 = greedy; above 0, EVAL_SAMPLES_PER_PROMPT completions per question are sampled at it
+EVAL_TOP_P = 1.0  # nucleus sampling of the evaluation when EVAL_TEMPERATURE > 0; 1.0 = off
+EVAL_SAMPLES_PER_PROMPT = 1  # k; above 1 also logs eval/mean_at_k and eval/pass_at_k (needs EVAL_TEMPERATURE > 0)
+EVAL_BLANK_IMAGE = True  # bool; also score the questions with blank images: eval/accuracy_blank_image, grounding_gap
 
 # ── Rollout ───────────────────────────────────────────────────────────────────────────────────────
 TRAIN_BATCH_PROMPTS = 128  # prompts (groups) per training batch
@@ -133,11 +138,13 @@ CRITIC_WARMUP_STEPS = 5  # first steps train only the critic (the policy waits f
 ATTENTION_METRICS = True  # bool; attention mass on image / text / completion keys, logged every step
 ATTENTION_EXCLUDE_SINK = True  # bool; keep the first prompt token (the attention sink) out of the text bucket
 VGR_LAYERS = "late"  # layers whose attention defines VGR: "early" | "middle" | "late" | "all"
-USE_TOKEN_WEIGHTS = False  # bool; scale each token's advantage by a weight from its VGR (ablation)
+USE_TOKEN_WEIGHTS = False  # bool; scale each token's advantage by a weight from TOKEN_WEIGHT_SOURCE (ablation)
+TOKEN_WEIGHT_SOURCE = "vgr"  # "vgr" (attention: more weight to tokens that look at the image) | "visual_kl" (grounding)
 TOKEN_WEIGHT_MIN = 0.2  # lower clip of the token weights (their mean is 1)
 TOKEN_WEIGHT_MAX = 3.0  # upper clip of the token weights
 TOKEN_WEIGHT_SMOOTHING = 0.0  # σ in tokens of a Gaussian smoothing of the weights; 0 = off
 W_MDI = 0.0  # weight of the group-relative MDI reward (more attention to the image than the group); 0 = off
+GROUNDING_EVERY = 10  # steps between visual-dependency passes (grounding/: KL with the image vs blank); 0 = off
 
 # ── Optimisation ──────────────────────────────────────────────────────────────────────────────────
 TOTAL_STEPS = 60  # training steps (one rollout batch each)
@@ -208,6 +215,9 @@ def main(argv=None):
                                        pool))  # the sampler's numbers against π_old's (rollout/)
             ref_logp = batched_logprobs(models.reference, batch, micro, models.passes, record=False)[0]
             values_old = critic.batched(batch, micro, models.precision)  # [B, L]
+            visual = visual_dependency(models.old_policy, batch, micro, models.passes.temperature) \
+                if s.attention.grounding_due(step) else None  # per token: KL(π(·|image) ‖ π(·|blank image))
+            metrics.update(grounding_metrics(visual, batch.completion_mask, masses, pool))  # {} when not measured
             timer.lap("logprob")
 
             # ── 3. Token rewards (outcome on the last token − KL penalty), GAE, whitened advantages ──
@@ -224,8 +234,9 @@ def main(argv=None):
                 "reward/kl_penalty/mean": pool(rewards.sum(1) - batch.rewards["total"]).mean().item(),
             })
             weights = None
-            if s.attention.use_token_weights:
-                weights = token_weights(vgr, batch.completion_mask, *s.attention.token_weight_settings)  # [B, L]
+            if s.attention.use_token_weights:  # from VGR (attention) or the visual dependency
+                signal = visual.kl if s.attention.token_weight_source == "visual_kl" else vgr
+                weights = token_weights(signal, batch.completion_mask, *s.attention.token_weight_settings)  # [B, L]
                 advantages = advantages * weights  # [B, L]
                 metrics.update(token_weight_metrics(weights, batch.completion_mask, pool))
 
@@ -242,7 +253,7 @@ def main(argv=None):
             metrics.update({f"critic/{k}": v for k, v in critic_stats.items()})
             metrics["critic/warmup"] = float(not train_policy)
             metrics["policy/advantage_abs_mean"] = pool(advantages[valid].abs()).mean().item()
-            logged = (batch, advantages, attention, vgr, weights)
+            logged = (batch, advantages, attention, vgr, weights, visual)
 
         # ── 5. Log, evaluate, checkpoint ──
         run.end_step(metrics, timer, everything, logged)

@@ -8,6 +8,8 @@ solution: the letter form for multiple choice, the free-form one (\\boxed{} or A
 
 import math
 
+from PIL import Image, ImageStat
+
 from data.answers import answer_kind
 
 # The embedded tiny VLM was warm-started on this exact string: keep it for the synthetic task.
@@ -29,6 +31,23 @@ def images_of(example):
     if "images" in example:
         return list(example["images"])
     return [example["image"]] if example.get("image") is not None else []
+
+
+def blank_image(image):
+    """An image with nothing to see: the same size, every pixel the image's mean colour (so its overall brightness and
+    the number of visual tokens stay those of the original). A blank image maps to itself."""
+    image = image if image.mode in ("RGB", "L") else image.convert("RGB")
+    mean = [round(m) for m in ImageStat.Stat(image).mean]
+    return Image.new(image.mode, image.size, tuple(mean) if len(mean) > 1 else mean[0])
+
+
+def with_blank_images(example):
+    """The example with each of its images blanked (blank_image); a text-only example as it is."""
+    if "images" in example:
+        return {**example, "images": [blank_image(image) for image in example["images"]]}
+    if example.get("image") is not None:
+        return {**example, "image": blank_image(example["image"])}
+    return example
 
 
 def user_content(problem, n_images):

@@ -156,7 +156,8 @@ def test_every_constant_fills_exactly_one_spec_field():
 
     named = [f.metadata["constant"] for cls in (*SPEC_CLASSES.values(), CriticSpec) for f in fields(cls)
              if f.metadata.get("constant")] + [f"W_{name.upper()}" for name in reward_names()]
-    shared = {"MAX_NEW_TOKENS"}  # the rollout's length limit, and Dr.GRPO's normaliser (LOSS_AGGREGATION="constant")
+    shared = {"MAX_NEW_TOKENS",  # the rollout's length limit, and Dr.GRPO's normaliser (LOSS_AGGREGATION="constant")
+              "EVAL_SAMPLES"}  # the size of the synthetic held-out set, and how many held-out questions are scored
     assert {n for n in named if named.count(n) > 1} == shared and len(named) == len(set(named)) + len(shared)
     assert set(named) == set(constants_of(vars(ppo)))
     assert resumable_constants() >= {"TOTAL_STEPS", "RUNS_DIR", "MICRO_BATCH_SIZE", "RESUME"}

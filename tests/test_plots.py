@@ -226,3 +226,138 @@ def test_overlay_labels_say_what_differs_between_runs(tmp_path):
     assert run_labels([a, b, grpo]) == ["dapo.py POLICY_LOSS=clip", "dapo.py POLICY_LOSS=gspo",
                                         "grpo.py POLICY_LOSS=clip"]
     assert run_labels([a]) == ["dapo_1"]
+
+
+# ── Seed bands, fair x-axes, setup notes ───────────────────────────────────────────────────────────────────
+def seed_run(root, name, seed, level, per_step=16, **config):
+    """A run whose reward is the constant `level` and whose held-out accuracy is level·step/100 (evaluated every
+    10 steps); it generates `per_step` completions a step (progress/completions)."""
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"DYNAMIC_SAMPLING": True, "SEED": seed, "POLICY_LOSS": "clip", "RUNS_DIR": root, **config}, f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for step in range(0, 41):
+            row = {"step": step, "progress/completions": per_step * step, "perf/elapsed_s": 0.5 * step}
+            if step:
+                row["reward/total/mean"] = level
+            if step % 10 == 0:
+                row["eval/accuracy"] = level * step / 100
+            f.write(json.dumps(row) + "\n")
+    return run_dir
+
+
+def test_seeds_of_one_config_form_a_group_drawn_as_mean_and_band(tmp_path):
+    from utils.plot_metrics import band, group_runs
+
+    root = str(tmp_path)
+    a = [seed_run(root, f"dapo_a{s}", s, level) for s, level in ((0, 1.0), (1, 2.0), (2, 6.0))]
+    b = seed_run(root, "dapo_b0", 0, 3.0, POLICY_LOSS="gspo")
+    groups = group_runs([a[0], b, a[1], a[2]])
+    assert groups == [("POLICY_LOSS=clip (3 seeds, mean ± std)", a), ("POLICY_LOSS=gspo", [b])]
+    assert group_runs([a[0], b], labels=["x", "x"]) == [("x (2 runs, mean, min–max)", [a[0], b])]  # an explicit label groups
+    with pytest.raises(ValueError, match="one label per run"):
+        group_runs([a[0], b], labels=["x"])
+
+    runs = [read_metrics(d) for d in a]
+    xs, mean, low, high = band(runs, "reward/total/mean")  # 3 seeds: mean ± population std
+    assert list(xs) == list(range(1, 41))
+    assert mean == pytest.approx([3.0] * 40) and low == pytest.approx([3 - math.sqrt(14 / 3)] * 40)
+    xs, mean, low, high = band(runs[:2], "eval/accuracy")  # 2 seeds: min–max, at the evaluations
+    assert list(xs) == [0, 10, 20, 30, 40]
+    assert list(mean) == pytest.approx([0, 0.15, 0.3, 0.45, 0.6]) and list(high) == pytest.approx([0, .2, .4, .6, .8])
+    assert band(runs, "policy/kl") is None  # never logged
+
+    path = str(tmp_path / "bands.png")
+    fig = plot_runs([a[0], b, a[1], a[2]], path)
+    assert len(fig.axes[0].collections) == 1  # one band: the 3-seed group's; the single run is a plain line
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["POLICY_LOSS=clip (3 seeds, mean ± std)",
+                                                                 "POLICY_LOSS=gspo"]
+    plt.close(fig)
+
+
+def test_x_axis_of_completions_compares_runs_at_equal_sampling(tmp_path):
+    from utils.plot_metrics import band, series
+
+    root = str(tmp_path)
+    fast, slow = seed_run(root, "dapo_f", 0, 1.0, per_step=32), seed_run(root, "dapo_s", 1, 1.0, per_step=16)
+    xs, values = series(read_metrics(fast), "eval/accuracy", x="samples")
+    assert xs == [0, 320, 640, 960, 1280] and values == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
+    assert series(read_metrics(fast), "eval/accuracy", x="time")[0] == [0, 5, 10, 15, 20]
+    # Accuracy per completion: fast = c/3200, slow = c/1600; on the range both reached (0..640), interpolated.
+    xs, mean, low, high = band([read_metrics(fast), read_metrics(slow)], "eval/accuracy", x="samples")
+    assert xs[0] == 0 and xs[-1] == 640 and len(xs) == 5
+    assert list(low) == pytest.approx(xs / 3200) and list(high) == pytest.approx(xs / 1600)
+    path = str(tmp_path / "x.png")
+    fig = plot_runs([fast, slow], path, x="samples", labels=["fast", "slow"])  # two groups of one run each
+    assert fig.axes[2].get_xlabel() == "completions generated"
+    assert list(fig.axes[2].get_lines()[0].get_xdata()) == [0, 320, 640, 960, 1280]
+    assert list(fig.axes[2].get_lines()[1].get_xdata()) == [0, 160, 320, 480, 640]
+    plt.close(fig)
+
+
+def test_cli_x_axis_needs_the_counts_and_labels_one_per_run(dapo_run, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "utils.plot_metrics", *args, "--out", str(tmp_path / "o.png")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    result = cli(dapo_run, "--x", "samples")  # logged before the cumulative counts existed
+    assert result.returncode != 0 and "logged no progress/completions" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = cli(dapo_run, dapo_run, "--labels", "a")
+    assert result.returncode != 0 and "1 labels for 2 run folders" in result.stderr
+    ok = seed_run(str(tmp_path), "dapo_ok", 0, 1.0)
+    result = cli(ok, seed_run(str(tmp_path), "dapo_ok2", 1, 2.0), "--x", "tokens")
+    assert result.returncode != 0 and "progress/completion_tokens" in result.stderr
+    assert cli(ok, "--x", "time").returncode == 0 and (tmp_path / "o.png").exists()
+
+
+def test_a_comparison_of_runs_on_different_tasks_says_so(tmp_path):
+    from utils.plot_metrics import different_setups
+
+    root = str(tmp_path)
+    a, b = seed_run(root, "dapo_a", 0, 1.0, DATASET="synthetic"), seed_run(root, "grpo_b", 0, 1.0, DATASET="geo.jsonl")
+    c = seed_run(root, "grpo_c", 0, 1.0, DATASET="synthetic", DYNAMIC_SAMPLING=False)
+    assert different_setups([a, b]) == "note: the runs differ in DATASET"
+    assert different_setups([a, c]) is None
+    fig = plot_dapo_vs_grpo_comparison(a, b, str(tmp_path / "c.png"))
+    assert "the runs differ in DATASET" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_mdi_axis_labels_both_sides_of_one(tmp_path):
+    run_dir = tmp_path / "dapo_mdi"
+    run_dir.mkdir()
+    rows = [{"step": s, "attention/early/mdi": 1.6 - 0.02 * s, "attention/late/mdi": 0.4 + 0.01 * s}
+            for s in range(1, 41)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot_attention(str(run_dir), str(tmp_path / "mdi.png"))
+    fig.canvas.draw()
+    low, high = fig.axes[0].get_ylim()
+    shown = [float(t.get_text()) for t in fig.axes[0].get_yticklabels() if t.get_text()
+             and low <= float(t.get_text()) <= high]
+    assert any(v > 1 for v in shown) and any(v < 1 for v in shown), shown
+    plt.close(fig)
+
+
+def test_grounding_figure_and_none_without_it(grpo_run, tmp_path):
+    from utils.plot_metrics import plot_grounding
+
+    run_dir = tmp_path / "dapo_grounding"
+    run_dir.mkdir()
+    rows = []
+    for step in range(0, 41):
+        row = {"step": step}
+        if step % 10 == 0:
+            row.update({"eval/accuracy": 0.6 + 0.008 * step, "eval/accuracy_blank_image": 0.25,
+                        "grounding/visual_kl_mean": 0.4 + 0.01 * step, "grounding/visual_kl_p50": 0.0,
+                        "grounding/visual_kl_p90": 0.1, "grounding/visual_kl_first": 1.2,
+                        "grounding/visual_kl_middle": 0.01, "grounding/visual_kl_last": 0.02,
+                        "grounding/corr_entropy": 0.5, "grounding/corr_image_attention": 0.6 - 0.01 * step})
+        rows.append(row)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = str(tmp_path / "grounding.png")
+    fig = plot_grounding(str(run_dir), path)
+    assert [len(ax.get_lines()) for ax in fig.axes] == [2, 6, 6, 5]  # eval markers; raw + smoothed; + the zero line
+    check_figure(fig, path)
+    assert plot_grounding(grpo_run, str(tmp_path / "none.png")) is None and not os.path.exists(tmp_path / "none.png")

@@ -246,15 +246,17 @@ def gaussian_smooth(values, mask, sigma):
     return num / den.clamp(min=1e-12)
 
 
-def token_weights(vgr, mask, low=0.2, high=3.0, smoothing=0.0, rounds=20):
-    """Loss weights from VGR (SPEC §6): u = 1/(VGR + 1e-6), optional mask-aware Gaussian smoothing (σ =
-    `smoothing` tokens), divided by its mean over each sequence's valid tokens, clipped to [low, high] and
-    renormalised to mean 1 (clip and renormalise repeat until both hold). Sequences without a finite VGR get
+def token_weights(vgr, mask, low=0.2, high=3.0, smoothing=0.0, source="vgr", rounds=20):
+    """Loss weights from VGR (SPEC §6): u = 1/(VGR + 1e-6) — or with source "visual_kl", `vgr` holds each token's
+    visual dependency (utils.grounding) and u is it —, optional mask-aware Gaussian smoothing (σ = `smoothing`
+    tokens), divided by its mean over each sequence's valid tokens, clipped to [low, high] and renormalised to mean 1
+    (clip and renormalise repeat until both hold). Sequences without a finite value (or whose u is 0 throughout) get
     weight 1. vgr, mask: [B, L]; returns [B, L], 0 on padding."""
     mask = mask.to(vgr.dtype)
     finite = torch.isfinite(vgr)
-    u = torch.where(finite, 1.0 / (vgr.clamp(min=0) + 1e-6), torch.ones_like(vgr)) * mask
-    no_signal = ~(finite & mask.bool()).any(1, keepdim=True)
+    signal = 1.0 / (vgr.clamp(min=0) + 1e-6) if source == "vgr" else vgr.clamp(min=0)
+    u = torch.where(finite, signal, torch.ones_like(vgr)) * mask
+    no_signal = ~(finite & mask.bool()).any(1, keepdim=True) | ((u * mask).sum(1, keepdim=True) <= 0)
     u = torch.where(no_signal, mask, u)
     if smoothing > 0:
         u = gaussian_smooth(u, mask, smoothing) * mask

@@ -255,10 +255,13 @@ def words_of(tokenizer, ids, values):
     return words
 
 
-def append_token_weights(path, step, tokenizer, rollout, advantages, n_samples, weights=None, vgr=None):
-    """Append `## Step N` to token_weights.md: each logged completion as word(weight), then reward and advantage.
+def append_token_weights(path, step, tokenizer, rollout, advantages, n_samples, weights=None, vgr=None,
+                         visual_kl=None):
+    """Append `## Step N` to token_weights.md: each logged completion as word(weight), then reward and advantage;
+    on the steps that measured it, the completion again as word(visual dependency).
 
-    weights / vgr: per-token values [B, L] aligned with completion_ids; a word shows the mean over its tokens.
+    weights / vgr / visual_kl: per-token values [B, L] aligned with completion_ids; a word shows the mean over its
+    tokens.
     """
     n = len(rollout)
     values = weights if weights is not None else vgr
@@ -280,13 +283,18 @@ def append_token_weights(path, step, tokenizer, rollout, advantages, n_samples, 
         else:
             line = "".join(f"{w}({num(word_mean(vs), 2)})" for w, vs in words)
         out.append(f"### Sample {k} (row {row})\n\n" + fence(line))
+        if visual_kl is not None:
+            kl = words_of(tokenizer, ids, visual_kl[row][keep].tolist())
+            out.append("Visual dependency, word(KL with the image ‖ with a blank image, nats):\n\n" +
+                       fence("".join(f"{w}({num(word_mean(vs), 3)})" for w, vs in kl)))
         out.append(f"Total reward {num(total[row])} · advantage {num(adv[row])}\n")
     append(path, "\n".join(out) + "\n", "Token weights")
 
 
 # ── 4. run_terminal.md ───────────────────────────────────────────────────────────────────────────
 METRIC_GROUPS = (("Rewards", "reward/"), ("Policy", "policy/"), ("Critic", "critic/"),
-                 ("Dynamic sampling", "dapo/"), ("Attention", "attention/"), ("Sampler vs learner", "rollout/"),
+                 ("Dynamic sampling", "dapo/"), ("Attention", "attention/"), ("Grounding", "grounding/"),
+                 ("Sampler vs learner", "rollout/"), ("Progress", "progress/"),
                  ("Perf", "perf/"), ("Eval", "eval/"), ("Response", "response/"))
 
 

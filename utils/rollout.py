@@ -55,9 +55,9 @@ def completion_mask_from_ids(completion_ids, eos_ids):
 
 
 @torch.no_grad()
-def generate(model, processor, examples, group_size, decoding, batch_size=None, desc=None):
-    """Sample `group_size` completions per example, decoded as `decoding` (utils.generation.Decoding) says;
-    returns a Rollout of len(examples)*G.
+def generate(model, processor, examples, group_size, decoding, batch_size=None, desc=None, generator=None):
+    """Sample `group_size` completions per example, decoded as `decoding` (utils.generation.Decoding) says, drawing
+    from `generator` (None: torch's global one); returns a Rollout of len(examples)*G.
 
     Each prompt is encoded and prefilled once for its G completions (utils/generation.py). Sequences are
     generated about `batch_size` at a time (whole groups), with a progress bar named `desc` (none when desc is None).
@@ -71,7 +71,7 @@ def generate(model, processor, examples, group_size, decoding, batch_size=None, 
                       disable=desc is None or not is_main_process()):
         inputs = encode_prompts(processor, examples[start : start + prompts_per_batch])  # [b, P]
         ids, logp, log_kept = sample_completions(model, inputs, group_size, decoding, eos_ids=eos_ids,
-                                                 pad_id=tokenizer.pad_token_id)  # [b*G, L]
+                                                 pad_id=tokenizer.pad_token_id, generator=generator)  # [b*G, L]
         prompts.append(slice_inputs(inputs, [i for i in range(len(inputs["input_ids"])) for _ in range(group_size)]))
         completions.append(ids.cpu())
         logps.append((logp - log_kept).cpu())  # under the distribution actually sampled

@@ -49,6 +49,14 @@ class RunLog:
         if resume:
             self.terminal.write(f"\n## Resumed after step {resume[1]}\n\n")
         self.terminal.config(config)
+        self.totals = progress_at(self.dir, resume[1]) if resume else dict.fromkeys(PROGRESS_KEYS, 0)
+
+    def progress(self, completions=0, tokens=0, seconds=0.0):
+        """The run's cumulative counts after adding one step's: completions and completion tokens generated, and
+        the seconds spent in training steps (evaluations, logs, plots and checkpoints not counted)."""
+        for key, value in zip(PROGRESS_KEYS, (completions, tokens, seconds)):
+            self.totals[key] += value
+        return dict(self.totals)
 
     @staticmethod
     def new_dir(root, algo):
@@ -76,10 +84,12 @@ class RunLog:
             f.write(json.dumps(clean) + "\n")
         self.terminal.metrics(metrics["step"], clean)
 
-    def log_samples(self, step, rollout, advantages, tokenizer, n_samples, attention=None, vgr=None, weights=None):
+    def log_samples(self, step, rollout, advantages, tokenizer, n_samples, attention=None, vgr=None, weights=None,
+                    visual=None):
         """rollout_results.md, attention_diagnostics.md and token_weights.md entries for this step's batch.
 
-        attention: {stage: {metric: [B]}} (utils.attention.sample_metrics) or None; vgr, weights: [B, L] or None.
+        attention: {stage: {metric: [B]}} (utils.attention.sample_metrics) or None; vgr, weights: [B, L] or None;
+        visual: the step's utils.grounding.VisualDependency, or None.
         advantages: [B], or [B, L] with token weights (the sequence's advantage is then their mean).
         """
         path = lambda name: os.path.join(self.dir, name)  # noqa: E731
@@ -91,7 +101,7 @@ class RunLog:
         append_attention_diagnostics(path("attention_diagnostics.md"), step, rollout, attention=rows,
                                      tokenizer=tokenizer)
         append_token_weights(path("token_weights.md"), step, tokenizer, rollout, advantages, n_samples,
-                             weights=weights, vgr=vgr)
+                             weights=weights, vgr=vgr, visual_kl=None if visual is None else visual.kl)
 
     def plot(self, compare=None):
         """Redraw plots/ from metrics.jsonl (utils/plot_metrics.py), against the run folder `compare` if given;
@@ -129,6 +139,9 @@ class QuietRunLog:
 
     def print_metrics(self, metrics, keys):
         pass
+
+    def progress(self, *counts):
+        return {}
 
     def plot(self, compare=None):
         return []
@@ -194,13 +207,28 @@ def cut_logs_after(run_dir, step):
         rewrite(os.path.join(run_dir, name), markdown_entries)
 
 
-def perf_metrics(step_start, generate_s, logprob_s, update_s, generated_tokens):
+def perf_metrics(step_start, generate_s, logprob_s, update_s, generated_tokens, completions):
     """perf/*: wall time of the step and of its parts (the slowest rank's); completion tokens generated per second
-    of the step, by all ranks together."""
+    of the step, by all ranks together. Also returns (completions, completion tokens, step seconds) of the step, all
+    ranks together, for the run's cumulative counts (RunLog.progress)."""
     step_s, generate_s, logprob_s, update_s = all_reduce_max([time.time() - step_start, generate_s, logprob_s,
                                                               update_s])
-    return {"perf/step_s": step_s, "perf/generate_s": generate_s, "perf/logprob_s": logprob_s,
-            "perf/update_s": update_s, "perf/tokens_per_s": all_reduce_sum(generated_tokens) / step_s}
+    tokens, completions = all_reduce_sum([generated_tokens, completions])
+    return ({"perf/step_s": step_s, "perf/generate_s": generate_s, "perf/logprob_s": logprob_s,
+             "perf/update_s": update_s, "perf/tokens_per_s": tokens / step_s}, (completions, tokens, step_s))
+
+
+# Cumulative counts since step 0, in every metrics.jsonl row: the fair x-axes of `python -m utils.plot_metrics --x`.
+PROGRESS_KEYS = ("progress/completions", "progress/completion_tokens", "perf/elapsed_s")
+
+
+def progress_at(run_dir, step):
+    """The cumulative counts of the metrics.jsonl row of `step` (zeros when it has none: a run logged before they
+    existed), so that a resumed run continues them."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    row = next((r for r in rows if r.get("step") == step), {})
+    return {k: row.get(k) or 0 for k in PROGRESS_KEYS}
 
 
 def comparison_run(runs_dir, algo, compare_with):

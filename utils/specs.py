@@ -1,8 +1,8 @@
 """The trainers' constants as small frozen specs, each value checked beside the field it fills.
 
 A trainer's UPPER_CASE constants (with their `--KEY=value` overrides) are the interface; `build_specs(config)` turns
-them into one `Specs`: a spec per block of constants (model, data, rollout, rewards, loss, attention, optimisation,
-run, and PPO's critic). Each field names its constant and its domain (type, choices, bounds); the check runs when
+them into one `Specs`: a spec per block of constants (model, data, evaluation, rollout, rewards, loss, attention,
+optimisation, run, and PPO's critic). Each field names its constant and its domain (type, choices, bounds); the check runs when
 the spec is built, so a value outside its domain is one error naming the constant, the value and the domain,
 before anything heavy is loaded. Relations between constants are checked in `check()` of the spec that holds them,
 or in `build_specs` when they span specs.
@@ -132,6 +132,23 @@ class DataSpec(Spec):
         for source, name in ((self.dataset, "DATASET"), (self.eval_dataset, "EVAL_DATASET")):
             if source and source != "synthetic":
                 check_source(source, name)
+
+
+@dataclass(frozen=True)
+class EvalSpec(Spec):
+    """The held-out evaluation (utils/evaluate.py): how it decodes and what it also measures. It draws from its own
+    random generator, so it never changes the training's numbers."""
+
+    samples: int = constant("EVAL_SAMPLES", low=1)
+    temperature: float = constant("EVAL_TEMPERATURE", low=0, resumable=True)
+    top_p: float = constant("EVAL_TOP_P", above=0, high=1, resumable=True)
+    samples_per_prompt: int = constant("EVAL_SAMPLES_PER_PROMPT", low=1, resumable=True)
+    blank_image: bool = constant("EVAL_BLANK_IMAGE", resumable=True)
+
+    def check(self):
+        if self.temperature == 0 and self.samples_per_prompt > 1:
+            raise UserError(f"EVAL_SAMPLES_PER_PROMPT={self.samples_per_prompt} with EVAL_TEMPERATURE=0: greedy "
+                            f"decoding gives the same completion every time; set EVAL_TEMPERATURE > 0 (e.g. 0.6)")
 
 
 @dataclass(frozen=True)
@@ -269,11 +286,19 @@ class AttentionSpec(Spec):
     token_weight_min: float = constant("TOKEN_WEIGHT_MIN", above=0, high=1)
     token_weight_max: float = constant("TOKEN_WEIGHT_MAX", low=1)
     token_weight_smoothing: float = constant("TOKEN_WEIGHT_SMOOTHING", low=0)
+    token_weight_source: str = constant("TOKEN_WEIGHT_SOURCE", choices=("vgr", "visual_kl"))
+    grounding_every: int = constant("GROUNDING_EVERY", low=0, resumable=True)
 
     @property
     def token_weight_settings(self):
-        """(low, high, smoothing): utils.attention.token_weights' settings."""
-        return self.token_weight_min, self.token_weight_max, self.token_weight_smoothing
+        """(low, high, smoothing, source): utils.attention.token_weights' settings."""
+        return self.token_weight_min, self.token_weight_max, self.token_weight_smoothing, self.token_weight_source
+
+    def grounding_due(self, step):
+        """Whether step `step` measures the visual dependency (utils/grounding.py): every GROUNDING_EVERY steps, and
+        every step when it makes the token weights."""
+        return (self.use_token_weights and self.token_weight_source == "visual_kl") or \
+            bool(self.grounding_every and step % self.grounding_every == 0)
 
 
 @dataclass(frozen=True)
@@ -331,6 +356,7 @@ class Specs:
 
     model: ModelSpec
     data: DataSpec
+    eval: EvalSpec
     rollout: RolloutSpec
     rewards: RewardSpec
     loss: LossSpec
@@ -340,7 +366,7 @@ class Specs:
     critic: CriticSpec | None = None
 
 
-SPEC_CLASSES = {"model": ModelSpec, "data": DataSpec, "rollout": RolloutSpec, "rewards": RewardSpec,
+SPEC_CLASSES = {"model": ModelSpec, "data": DataSpec, "eval": EvalSpec, "rollout": RolloutSpec, "rewards": RewardSpec,
                 "loss": LossSpec, "attention": AttentionSpec, "optim": OptimSpec, "run": RunSpec}
 
 
@@ -363,8 +389,10 @@ def build_specs(config):
         raise UserError(f"{', '.join(group_only)} compare the completions of a prompt: they need GROUP_SIZE >= 2")
     if rewards.overlong_buffer > rollout.max_new_tokens:
         raise UserError("OVERLONG_BUFFER must not exceed MAX_NEW_TOKENS")
-    if (attention.use_token_weights or rewards.uses_mdi) and not attention.metrics:
-        raise UserError("USE_TOKEN_WEIGHTS and the MDI reward (W_MDI) need ATTENTION_METRICS=True")
+    if ((attention.use_token_weights and attention.token_weight_source == "vgr") or rewards.uses_mdi) \
+            and not attention.metrics:
+        raise UserError("USE_TOKEN_WEIGHTS with TOKEN_WEIGHT_SOURCE='vgr' and the MDI reward (W_MDI) need "
+                        "ATTENTION_METRICS=True")
     return Specs(**specs, critic=critic)
 
 

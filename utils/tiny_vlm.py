@@ -234,16 +234,16 @@ def build_tiny_vlm(path, log=print):
 
 def held_out_accuracy(path):
     """Greedy accuracy and format rate of the model in `path` on HELD_OUT (the default run's step-0 evaluation)."""
-    from types import SimpleNamespace
-
     from utils.evaluate import evaluate
     from utils.model import load_model, load_processor, suppressed_token_ids
+    from utils.specs import EvalSpec
 
     processor = load_processor(path)
     model = load_model(path, "cpu", torch.float32)
     data = SyntheticVQA(HELD_OUT["size"], seed=HELD_OUT["seed"], split="test", kinds=HELD_OUT["kinds"])
-    decoding = SimpleNamespace(max_new_tokens=24, generation_batch_size=128)  # dapo.py's MAX_NEW_TOKENS
-    metrics = evaluate(model, processor, data, len(data), decoding, suppressed_token_ids(processor.tokenizer))
+    greedy = EvalSpec(samples=len(data), temperature=0.0, top_p=1.0, samples_per_prompt=1, blank_image=False)
+    metrics = evaluate(model, processor, data, greedy, 24, 128,  # dapo.py's MAX_NEW_TOKENS, GENERATION_BATCH_SIZE
+                       suppressed_token_ids(processor.tokenizer))
     return metrics["eval/accuracy"], metrics["eval/format"]
 
 

@@ -102,16 +102,18 @@ class Run:
         else:
             metrics = self.evaluate()
             self.print("step    0 | " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-            self.log.log_metrics({"step": 0, **metrics})
+            self.log.log_metrics({"step": 0, **metrics, **self.log.progress()})
             self.tracker.log(metrics, 0)
         mark_started()  # a failure from here on leaves the folder: it is a run
         self.stop = PreemptionGuard(self.warn)
 
     def evaluate(self):
-        """Greedy held-out accuracy and every reward rate of the generating model (utils/evaluate.py)."""
+        """Held-out accuracy (greedy, or k samples per question), every reward rate and the blank-image accuracy of
+        the generating model (utils/evaluate.py)."""
         m = self.models
-        return evaluate(m.rollout, m.processor, self.eval_data, self.specs.data.eval_samples, self.specs.rollout,
-                        m.suppress_ids)
+        s = self.specs
+        return evaluate(m.rollout, m.processor, self.eval_data, s.eval, s.rollout.max_new_tokens,
+                        s.rollout.generation_batch_size, m.suppress_ids, s.model.seed)
 
     def steps(self):
         """The training steps left (1-based), with a progress bar; ends early once a signal stopped the run."""
@@ -128,14 +130,15 @@ class Run:
         SAVE_EVERY steps, at the end, or when a signal asked to stop — then the run stops).
 
         everything: every completion sampled this step (its tokens count in perf/tokens_per_s); logged: what the
-        markdown logs show (RunLog.log_samples): (batch, advantages, attention, vgr, token weights) of the update,
-        or None for a step without one (then every completion sampled, with zero advantages)."""
+        markdown logs show (RunLog.log_samples): (batch, advantages, attention, vgr, token weights, visual dependency
+        or None) of the update, or None for a step without one (then every completion sampled, with zero advantages)."""
         s, step = self.specs, metrics["step"]
-        batch, advantages, attention, vgr, weights = logged or (everything, torch.zeros(len(everything)), None, None,
-                                                                None)
+        batch, advantages, attention, vgr, weights, visual = logged or (everything, torch.zeros(len(everything)), None,
+                                                                        None, None, None)
         last = step == s.optim.total_steps
         parts = [timer.parts.get(name, 0.0) for name in ("generate", "logprob", "update")]
-        metrics.update(perf_metrics(timer.start, *parts, everything.completion_mask.sum().item()))
+        perf, counts = perf_metrics(timer.start, *parts, everything.completion_mask.sum().item(), len(everything))
+        metrics.update({**perf, **self.log.progress(*counts)})
         if step % s.run.eval_every == 0 or last:
             metrics.update(self.evaluate())
         self.log.log_metrics(metrics)
@@ -143,7 +146,7 @@ class Run:
         self.log.print_metrics(metrics, SHOWN_METRICS)
         if step % s.run.log_every == 0 or last:
             self.log.log_samples(step, batch, advantages, self.models.processor.tokenizer, s.run.log_samples,
-                                 attention, vgr, weights)
+                                 attention, vgr, weights, visual)
         if (s.run.plot_every and step % s.run.plot_every == 0) or last:
             compare = comparison_run(s.run.runs_dir, self.algo, s.run.compare_with)
             self.print(f"plots: {', '.join(self.log.plot(compare))}")
@@ -157,6 +160,7 @@ class Run:
         if stopped:
             self.print(f"stopped by {self.stop.signal_name} after step {step}; continue with --RESUME={self.dir}")
             self.stopped = True
+
 
     def finish(self):
         """Close the trackers; returns the run folder."""
