@@ -160,7 +160,8 @@ class Run:
         if stopped:
             self.print(f"stopped by {self.stop.signal_name} after step {step}; continue with --RESUME={self.dir}")
             self.stopped = True
-
+        if step % s.run.log_every == 0 or step % s.run.eval_every == 0:
+            trim_heap()  # after the logs, evaluations, plots and checkpoints: their transient buffers are freed
 
     def finish(self):
         """Close the trackers; returns the run folder."""
@@ -168,6 +169,30 @@ class Run:
         if not self.stopped:
             self.print(f"done: {self.dir}")
         return self.dir
+
+
+def trim_heap():
+    """Hand the heap memory freed since the last call back to the operating system (glibc's malloc_trim; nothing on
+    other C libraries). glibc keeps freed pages for reuse, and the varying sizes of a run's transient buffers
+    (prompts and completions of every length, evaluations, plots, checkpoints) leave them scattered: ~20 MiB of the
+    tiny model's resident memory is such pages (benchmarks/soak.py). It takes 10-60 ms, so Run.end_step calls it
+    every LOG_EVERY and EVAL_EVERY steps, not every step."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def start_run(script, constants, argv=None):
