@@ -54,6 +54,16 @@ def check_run_folder(run_dir, script):
         assert row.get("policy/entropy") is None or row["policy/entropy"] >= 0
         assert row["perf/step_s"] > 0 and row["perf/tokens_per_s"] > 0
     assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0
+    for row in rows:  # EVAL_BLANK_IMAGE is on by default: the same questions with blank images
+        assert 0.0 <= row["eval/accuracy_blank_image"] <= 1.0
+        assert row["eval/grounding_gap"] == pytest.approx(row["eval/accuracy"] - row["eval/accuracy_blank_image"])
+    groups = config["TRAIN_BATCH_PROMPTS"] * config["GROUP_SIZE"]  # completions per generation round
+    counts = [(r["progress/completions"], r["progress/completion_tokens"], r["perf/elapsed_s"]) for r in rows]
+    assert counts[0] == (0, 0, 0.0)
+    for before, after, row in zip(counts, counts[1:], rows[1:]):  # cumulative, from every round and top-up
+        topup = "dapo/topup_samples" in row  # one round of whole groups, then single completions
+        assert after[0] - before[0] == (groups + row["dapo/topup_samples"] if topup else row["dapo/gen_batches"] * groups)
+        assert after[1] > before[1] and after[2] == pytest.approx(before[2] + row["perf/step_s"])
     for row in (r for r in rows[1:] if r["dapo/train_groups"]):  # attention metrics are on by default
         for key in ATTENTION_KEYS:
             assert math.isfinite(row[key]), key
@@ -62,6 +72,14 @@ def check_run_folder(run_dir, script):
     check_markdown_logs(run_dir, [r["step"] for r in rows[1:] if r["dapo/train_groups"]])
     assert os.path.getsize(os.path.join(run_dir, "plots", "training_metrics.png")) > 10_000
     return config, rows
+
+
+def check_grounding(row):
+    """The grounding/ metrics of a step that measured the visual dependency."""
+    assert 0 <= row["grounding/visual_kl_p50"] <= row["grounding/visual_kl_p90"] <= row["grounding/visual_kl_max"]
+    assert row["grounding/visual_kl_mean"] <= row["grounding/visual_kl_max"]
+    for key in ("grounding/corr_entropy", "grounding/corr_image_attention"):
+        assert row[key] is None or -1 - 1e-9 <= row[key] <= 1 + 1e-9  # None (NaN): a constant KL
 
 
 def table_rows(markdown, header):
@@ -115,7 +133,8 @@ def check_markdown_logs(run_dir, trained_steps):
 def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
     # DAPO with the attention ablation (VGR token weights and the MDI reward) and top-up dynamic sampling.
     dapo_dir = run_trainer("dapo.py", tmp_path / "runs", "--USE_TOKEN_WEIGHTS=True", "--W_MDI=0.1",
-                           "--TOKEN_WEIGHT_SMOOTHING=1.0", "--DYNAMIC_SAMPLING_MODE=topup", "--MAX_DYNAMIC_SAMPLES=6")
+                           "--TOKEN_WEIGHT_SMOOTHING=1.0", "--DYNAMIC_SAMPLING_MODE=topup", "--MAX_DYNAMIC_SAMPLES=6",
+                           "--GROUNDING_EVERY=1")
     config, rows = check_run_folder(dapo_dir, "dapo.py")
     for row in rows[1:]:  # one round of 3 prompts x 4, then at most 2 top-up rounds of one completion per group
         assert 1 <= row["dapo/gen_batches"] <= 3 and 0 <= row["dapo/topup_samples"] <= 3 * 2
@@ -124,8 +143,9 @@ def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
         assert -0.5 <= row["reward/mdi/mean"] <= 0.5
         assert row["policy/token_weight_mean"] == pytest.approx(1.0, abs=1e-4)
         assert 0.2 - 1e-5 <= row["policy/token_weight_min"] <= row["policy/token_weight_max"] <= 3.0 + 1e-5
+        check_grounding(row)
     weights_log = open(os.path.join(dapo_dir, "token_weights.md")).read()
-    assert "Token weights: each word shows" in weights_log
+    assert "Token weights: each word shows" in weights_log and "Visual dependency, word(KL" in weights_log
     assert re.search(r"shapes\(\d\.\d\d\)", weights_log)  # e.g. "shapes(1.85)"
     assert config["KL_BETA"] == 0.0 and all(r.get("policy/kl") in (0.0, None) for r in rows[1:])
 
@@ -144,8 +164,12 @@ def test_dapo_then_grpo_from_its_checkpoint(tiny_vlm_path, tmp_path):
     # buffer, dual clip and two-stage rewards (format weighs 2 in step 1, 1 after).
     grpo_dir = run_trainer("grpo.py", tmp_path / "runs", f"--MODEL_NAME_OR_PATH={checkpoint}", "--PPO_EPOCHS=2",
                            "--MINI_BATCHES=2", "--MICRO_BATCH_SIZE=5", "--REPLAY_BUFFER_SIZE=2", "--DUAL_CLIP_C=3",
-                           "--REWARD_SWITCH_STEP=1", "--REWARD_WEIGHTS_EARLY={'format':2.0}")
+                           "--REWARD_SWITCH_STEP=1", "--REWARD_WEIGHTS_EARLY={'format':2.0}",
+                           "--USE_TOKEN_WEIGHTS=True", "--TOKEN_WEIGHT_SOURCE=visual_kl", "--GROUNDING_EVERY=0")
     config, rows = check_run_folder(grpo_dir, "grpo.py")
+    for row in rows[1:]:  # weights from the visual dependency: measured every step, whatever GROUNDING_EVERY says
+        check_grounding(row)
+        assert row["policy/token_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert config["MODEL_NAME_OR_PATH"] == checkpoint
     for row, w_format in zip(rows[1:], (2.0, 1.0)):
         expected = 3.0 * row["reward/accuracy/mean"] + w_format * row["reward/format/mean"]
@@ -169,8 +193,13 @@ def test_bad_override_fails_before_any_work(tmp_path):
 def test_ppo_two_steps(tmp_path):
     """ppo.py with its defaults (one completion per prompt, a critic on the policy's backbone), one warm-up step."""
     ppo_dir = run_trainer("ppo.py", tmp_path / "runs", "--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6",
-                          "--CRITIC_WARMUP_STEPS=1")
+                          "--CRITIC_WARMUP_STEPS=1", "--GROUNDING_EVERY=2", "--EVAL_TEMPERATURE=0.8",
+                          "--EVAL_SAMPLES_PER_PROMPT=3")
     config, rows = check_run_folder(ppo_dir, "ppo.py")
+    check_grounding(rows[2])
+    assert not any(k.startswith("grounding/") for k in rows[1])  # every 2 steps
+    for row in rows:  # three samples per question at temperature 0.8
+        assert row["eval/mean_at_k"] == row["eval/accuracy"] <= row["eval/pass_at_k"] <= 1.0
     assert config["KL_COEF"] > 0 and config["CRITIC_SHARED_BACKBONE"]
     for row in rows[1:]:
         for key in ("critic/value_loss", "critic/explained_variance", "critic/values/mean", "critic/returns/mean"):
