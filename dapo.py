@@ -155,6 +155,7 @@ PLOT_EVERY = 50  # steps between plot refreshes in <run>/plots/ (always at the e
 COMPARE_WITH = "auto"  # run folder for the DAPO-vs-GRPO plot; "auto" = newest run of the other trainer; "" = none
 RUNS_DIR = "runs"  # run folders go to RUNS_DIR/<trainer>_<timestamp>/, e.g. runs/dapo_20261122_101500/
 REPORT_TO = ""  # also send the metrics to "wandb" | "tensorboard" | "wandb,tensorboard" (pip install it); "" = none
+PEAK_TFLOPS = 0.0  # device peak for perf/mfu_*; 0 = measured (CPU) or looked up (A100, H100, H200, L40S, 4090)
 RESUME = ""  # "" = new run | "auto" = newest run of this trainer in RUNS_DIR | a run folder | a checkpoint folder
 RESUME_OVERRIDES = ""  # on resume: comma-separated math constants allowed to change anyway, e.g. "LEARNING_RATE"
 

@@ -53,6 +53,8 @@ def check_run_folder(run_dir, script):
         assert 0.0 <= row["eval/accuracy"] <= 1.0 and 0.0 <= row["eval/format"] <= 1.0
         assert row.get("policy/entropy") is None or row["policy/entropy"] >= 0
         assert row["perf/step_s"] > 0 and row["perf/tokens_per_s"] > 0
+        assert row["perf/flops_per_step"] > 0 and row["perf/mfu_generate"] > 0  # the CPU's peak is measured
+        assert not trained or row["perf/mfu_update"] > 0
     assert 0.0 <= rows[0]["eval/accuracy"] <= 1.0
     for row in rows:  # EVAL_BLANK_IMAGE is on by default: the same questions with blank images
         assert 0.0 <= row["eval/accuracy_blank_image"] <= 1.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import layout
+from utils import flops, layout
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,9 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
     out = backbone(**inputs, position_ids=positions, use_cache=True)
     cache = out.past_key_values
     logits = lm_head(out.last_hidden_state[:, -1])  # [B, V]
+    flops.count_prompts(backbone, inputs)
+    flops.count_logits(model, len(logits))
+    prompt_lengths = inputs["attention_mask"].sum(1).repeat_interleave(group_size).cpu()  # [N] valid prompt tokens
 
     # Each prompt's cache, logits and position to its G rows.
     cache.batch_repeat_interleave(group_size)
@@ -133,5 +136,7 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
         out = backbone(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True)
         logits = lm_head(out.last_hidden_state[:, -1])
+        flops.count_suffix(backbone, prompt_lengths[alive.cpu()] + t, torch.ones(len(alive)))  # token t, cached before
+        flops.count_logits(model, len(alive))
         next_position = next_position + 1
     return completion_ids[:, :length], logprobs[:, :length], log_kept[:, :length]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import layout
+from utils import flops, layout
 from utils.attention import BUCKETS
 from utils.batch import slice_inputs
 from utils.logprobs import LOGITS_BUDGET_BYTES, completion_hidden_states
@@ -55,6 +55,7 @@ def kl_and_entropy(model, hidden, blank_hidden, temperature, budget_bytes=LOGITS
     bias = None if head.bias is None else head.bias.float()
     b, L = hidden.shape[0], hidden.shape[1] - 1
     chunk = max(1, budget_bytes // (2 * b * weight.shape[0] * 4))
+    flops.count_logits(model, 2 * b * L)
     kls, entropies = [], []
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, L, chunk):

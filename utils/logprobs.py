@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from utils import layout
+from utils import flops, layout
 from utils.attention import BucketMasses
 from utils.batch import slice_inputs
 from utils.generation import prompt_positions
@@ -67,9 +67,12 @@ def completion_hidden_states(backbone, prompt_inputs, completion_ids, completion
     whole_rows = backbone.is_activation_checkpointing and backbone.training
     if whole_rows or (torch.is_grad_enabled() and fsdp_sharded(backbone)):
         inputs = {k: v.to(device) for k, v in full_inputs(prompt_inputs, completion_ids, completion_mask).items()}
+        flops.count_prompts(backbone, inputs)
         return backbone(**inputs, use_cache=False).last_hidden_state[:, -(length + 1) :]
     firsts, sizes = prompt_runs(prompt_inputs)
     prompts = {k: v.to(device) for k, v in slice_inputs(prompt_inputs, firsts).items()}  # [n, P'], n distinct
+    flops.count_prompts(backbone, prompts, exclude_last=True)  # each distinct prompt once; then each row's suffix:
+    flops.count_suffix(backbone, prompt_inputs["attention_mask"].sum(1) - 1, completion_mask.sum(1) + 1)
     rows = torch.repeat_interleave(torch.arange(len(firsts), device=device), torch.tensor(sizes, device=device))
     positions, next_position = prompt_positions(backbone, prompts)  # [3, n, P'], [n]
     prefix = {k: v[:, :-1] for k, v in prompts.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -113,6 +116,8 @@ def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_en
         return logp, entropy
 
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.set_grad_enabled(with_grad):
+        flops.count_logits(model, b * L, checkpointed=True)  # with gradients, each chunk's logits run twice
     parts = []
     for start in range(0, L, chunk):
         h, ids = hidden[:, start : start + chunk], completion_ids[:, start : start + chunk]

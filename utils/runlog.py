@@ -207,15 +207,24 @@ def cut_logs_after(run_dir, step):
         rewrite(os.path.join(run_dir, name), markdown_entries)
 
 
-def perf_metrics(step_start, generate_s, logprob_s, update_s, generated_tokens, completions):
+def perf_metrics(timer, generated_tokens, completions, peak=None):
     """perf/*: wall time of the step and of its parts (the slowest rank's); completion tokens generated per second
-    of the step, by all ranks together. Also returns (completions, completion tokens, step seconds) of the step, all
-    ranks together, for the run's cumulative counts (RunLog.progress)."""
-    step_s, generate_s, logprob_s, update_s = all_reduce_max([time.time() - step_start, generate_s, logprob_s,
-                                                              update_s])
-    tokens, completions = all_reduce_sum([generated_tokens, completions])
-    return ({"perf/step_s": step_s, "perf/generate_s": generate_s, "perf/logprob_s": logprob_s,
-             "perf/update_s": update_s, "perf/tokens_per_s": tokens / step_s}, (completions, tokens, step_s))
+    of the step, by all ranks together; the model FLOPs of the step (all ranks) and, given the device's `peak`
+    FLOP/s, the model FLOPs utilisation of generation and of the update (utils/flops.py). Also returns (completions,
+    completion tokens, step seconds) of the step, all ranks together, for the run's cumulative counts
+    (RunLog.progress). timer: the step's utils.trainer.StepTimer."""
+    names = ("generate", "logprob", "update")
+    step_s, *seconds = all_reduce_max([time.time() - timer.start] + [timer.parts.get(n, 0.0) for n in names])
+    tokens, completions, *flops = all_reduce_sum([generated_tokens, completions] + [timer.flops.get(n, 0.0)
+                                                                                    for n in names])
+    perf = {"perf/step_s": step_s, **{f"perf/{n}_s": s for n, s in zip(names, seconds)},
+            "perf/tokens_per_s": tokens / step_s, "perf/flops_per_step": sum(flops)}
+    if peak:
+        ranks = all_reduce_sum(1)
+        for name, f, s in zip(names, flops, seconds):
+            if name != "logprob":
+                perf[f"perf/mfu_{name}"] = f / s / (peak * ranks) if s > 0 else float("nan")
+    return perf, (completions, tokens, step_s)
 
 
 # Cumulative counts since step 0, in every metrics.jsonl row: the fair x-axes of `python -m utils.plot_metrics --x`.

@@ -327,6 +327,7 @@ class RunSpec(Spec):
     compare_with: str = constant("COMPARE_WITH", resumable=True)
     runs_dir: str = constant("RUNS_DIR", resumable=True)
     report_to: str = constant("REPORT_TO", resumable=True)
+    peak_tflops: float = constant("PEAK_TFLOPS", low=0, resumable=True)
     resume: str = constant("RESUME", resumable=True)
     resume_overrides: str = constant("RESUME_OVERRIDES", resumable=True)
 

@@ -16,7 +16,9 @@ from utils.checkpoint import (PreemptionGuard, checkpoint_step, find_resume_chec
                               resumed_config, run_dir_of, save_checkpoint)
 from utils.config import apply_overrides, format_config
 from utils.distributed import init_distributed, shard_model
+from utils import flops
 from utils.evaluate import evaluate
+from utils.flops import peak_flops
 from utils.logprobs import Passes
 from utils.model import (EMBEDDED_MODEL, load_processor, load_reference_model, load_trainable_model,
                          make_rollout_model, resolve_devices, suppressed_token_ids)
@@ -56,15 +58,18 @@ class Models:
 
 
 class StepTimer:
-    """Wall time of a step and of its parts: lap(name) ends the part that began at the previous lap."""
+    """Wall time and model FLOPs (utils/flops.py) of a step and of its parts: lap(name) ends the part that began at
+    the previous lap."""
 
     def __init__(self):
         self.start = self.last = time.time()
-        self.parts = {}
+        self.parts, self.flops = {}, {}
+        flops.take()  # what ran between steps (evaluation) is not the step's
 
     def lap(self, name):
         now = time.time()
         self.parts[name] = now - self.last
+        self.flops[name] = flops.take()
         self.last = now
 
 
@@ -96,6 +101,8 @@ class Run:
         checkpoint after the current step, then exit."""
         self.models, self.optimizer, self.prompts, self.replay, self.critic = models, optimizer, prompts, replay, critic
         self.eval_data = eval_data
+        self.peak_flops = peak_flops(models.policy_device, models.precision, self.specs.run.peak_tflops,
+                                     self.specs.model.cache_dir)  # FLOP/s, for perf/mfu_*; None: unknown
         if self.resume:
             load_checkpoint(self.resume, models.policy, optimizer, prompts, replay, critic)
             self.print(f"resumed from {self.resume}: step {self.start} of {self.specs.optim.total_steps}")
@@ -136,8 +143,7 @@ class Run:
         batch, advantages, attention, vgr, weights, visual = logged or (everything, torch.zeros(len(everything)), None,
                                                                         None, None, None)
         last = step == s.optim.total_steps
-        parts = [timer.parts.get(name, 0.0) for name in ("generate", "logprob", "update")]
-        perf, counts = perf_metrics(timer.start, *parts, everything.completion_mask.sum().item(), len(everything))
+        perf, counts = perf_metrics(timer, everything.completion_mask.sum().item(), len(everything), self.peak_flops)
         metrics.update({**perf, **self.log.progress(*counts)})
         if step % s.run.eval_every == 0 or last:
             metrics.update(self.evaluate())
