@@ -221,6 +221,22 @@ def test_covariance_choices_follow_their_definitions(loss):
     assert int(chosen.sum()) == min(int(0.05 * mask.sum()), int(inside.sum())) and not (chosen & ~inside).any()
 
 
+def test_kl_cov_takes_exactly_its_fraction_when_covariances_tie(loss):
+    """A sharp model gives many tokens log π = 0 exactly (fp32), and the tokens of one sequence share its advantage:
+    their covariances tie. KL-Cov still takes exactly k tokens (a threshold alone took every tied one: 7% of the
+    tokens instead of the published 0.2% on the tiny task), the tied ones by the smallest keys."""
+    logp = torch.zeros(4, 6)
+    logp[2, 0] = -1.0  # one uncertain token; every other token is certain (log π = 0)
+    mask = torch.ones(4, 6)
+    advantages = torch.tensor([-1.0, -0.5, 0.5, 1.0])  # covariance (A − Ā)(log π − mean log π), Ā = 0
+    keys = torch.rand(4, 6)
+    keys[3] = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.7, 0.6])  # the smallest keys win a tie
+    spec = with_(loss, policy_loss="kl_cov", kl_cov_fraction=0.1)  # k = int(0.1 · 24) = 2
+    chosen = select_tokens(logp, None, advantages, mask, spec, keys=keys)["chosen"]
+    assert int(chosen.sum()) == 2  # the six tokens of the last row tie at the highest covariance, 1 · 1/24
+    assert chosen[3].tolist() == [False, True, False, True, False, False]
+
+
 # ── rollout correction ───────────────────────────────────────────────────────────────────────────────────
 
 

@@ -241,11 +241,12 @@ def select_tokens(logp, entropy, advantages, mask, loss, pool=None, keys=None):
     logp, entropy, mask: [B, L] (mask: the loss tokens); advantages: [B] or [B, L]; pool: maps this rank's values to
     those of every rank (utils.distributed.gather_rows), None in one process; keys: [B, L] uniform random numbers for
     Clip-Cov's draw (utils.distributed.rank_uniform: the same for a token however the batch is split; None: drawn
-    here). Returns {"high_entropy": [B, L] bool}
+    here; KL-Cov breaks its ties with them). Returns {"high_entropy": [B, L] bool}
     with TOP_ENTROPY_QUANTILE = q < 1 — the q fraction of the tokens with the highest entropy (Wang et al. 2025,
     "Beyond the 80/20 rule", arXiv:2506.01939, published q = 0.2) — and {"chosen": [B, L] bool} for Clip-Cov /
     KL-Cov: by the covariance (A - mean A)·(log π - mean log π) of each token, centred over the mini-batch.
-    Clip-Cov draws its tokens among those inside its bounds: the ones with the smallest keys.
+    Clip-Cov draws its tokens among those inside its bounds: the ones with the smallest keys; KL-Cov takes exactly
+    its k tokens, ties at the k-th covariance going to the smallest keys.
     """
     pool = pool or (lambda values: values)
     valid = mask.bool()
@@ -259,13 +260,22 @@ def select_tokens(logp, entropy, advantages, mask, loss, pool=None, keys=None):
         cov = (adv - pool(adv[valid]).mean()) * (logp - pool(logp[valid]).mean())
         fraction = loss.clip_cov_fraction if loss.policy_loss == "clip_cov" else loss.kl_cov_fraction
         k = max(1, int(fraction * n_valid)) if fraction > 0 else 0
-        if loss.policy_loss == "kl_cov":
-            out["chosen"] = valid & (cov >= kth_largest(pool(cov[valid]), k))
+        keys = torch.rand(logp.shape) if keys is None else keys
+        if loss.policy_loss == "kl_cov":  # the k of highest covariance (many tokens tie: log π = 0 in fp32)
+            out["chosen"] = top_k(cov, valid, k, keys, pool)
         else:  # k tokens drawn among those with covariance inside the bounds: the k smallest keys
             inside = valid & (cov > loss.clip_cov_low) & (cov < loss.clip_cov_high)
-            keys = torch.rand(logp.shape) if keys is None else keys
             out["chosen"] = inside & (-keys >= kth_largest(pool(-keys[inside]), k))
     return out
+
+
+def top_k(values, valid, k, keys, pool):
+    """Exactly k of the `valid` tokens (all of them when fewer) with the largest values, over every rank (pool); of
+    the tokens tied at the k-th value, those with the smallest keys. values, valid, keys: [B, L]."""
+    threshold = kth_largest(pool(values[valid]), k)
+    above, tied = valid & (values > threshold), valid & (values == threshold)
+    room = max(k - pool(values[above]).numel(), 0)
+    return above | (tied & (-keys >= kth_largest(pool(-keys[tied]), room)))
 
 
 def kth_largest(values, k):

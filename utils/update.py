@@ -168,7 +168,8 @@ def token_selection(policy, batch, targets, rows, n_micro, micro, loss, passes):
     own = 0.0 if targets.padding else 1.0  # a padding rank adds no token
     mask = targets.loss_mask[rows] * own
     keys = None
-    if loss.policy_loss == "clip_cov":  # its random draw: new each batch, the same on every split
+    if loss.policy_loss in ("clip_cov", "kl_cov"):  # Clip-Cov's draw, KL-Cov's tie-break: new each batch, the
+        # same for a token on every split
         seed = int(all_reduce_sum(float((batch.completion_ids[rows] * batch.completion_mask[rows] * own).sum())))
         keys = rank_uniform(0 if targets.padding else len(rows), mask.shape[1], seed)  # a padding rank: no rows
         keys = torch.ones_like(mask) if targets.padding else keys  # (its tokens are never chosen: its mask is 0)
