@@ -5,7 +5,8 @@ and how fast the run folder grows.
     python benchmarks/soak.py --steps 500 --minutes 10 -- --CPU_THREADS=1
 
 The trainer runs as a child process with small batches (2 prompts × 4 completions, 16 new tokens; evaluation every
-500 steps on 16 questions, a checkpoint every 100 steps, 2 kept, plots every 50 steps as in the default run); its resident memory (VmRSS) is sampled every
+100 steps on 16 questions, a checkpoint every 100 steps, 2 kept, plots every 50 steps as in the default run:
+by step 100, the first mark, every kind of work of a run has happened once); its resident memory (VmRSS) is sampled every
 second and matched to the step metrics.jsonl has reached. Printed: memory and mean step time around each mark, the
 growth after step 100, and the bytes per step of metrics.jsonl and of the markdown logs.
 """
@@ -22,7 +23,7 @@ import time
 from seeds import split_overrides  # noqa: E402  (benchmarks/ is on the path when a script here runs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--TRAIN_BATCH_PROMPTS=2", "--GROUP_SIZE=4", "--MAX_NEW_TOKENS=16", "--OVERLONG_BUFFER=4", "--EVAL_EVERY=500",
+FAST = ["--TRAIN_BATCH_PROMPTS=2", "--GROUP_SIZE=4", "--MAX_NEW_TOKENS=16", "--OVERLONG_BUFFER=4", "--EVAL_EVERY=100",
         "--EVAL_SAMPLES=16", "--SAVE_EVERY=100", "--KEEP_CHECKPOINTS=2", "--LOG_EVERY=50", "--PLOT_EVERY=50",
         "--COMPARE_WITH=", "--MAX_GEN_BATCHES=2"]
 MARKS = (100, 500, 1000, 2000)

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from utils import flops
 from utils.checkpoint import (PreemptionGuard, checkpoint_step, find_resume_checkpoint, load_checkpoint,
                               resumed_config, run_dir_of, save_checkpoint)
 from utils.config import apply_overrides, format_config
 from utils.distributed import init_distributed, shard_model
-from utils import flops
 from utils.evaluate import evaluate
-from utils.flops import peak_flops
 from utils.logprobs import Passes
 from utils.model import (EMBEDDED_MODEL, load_processor, load_reference_model, load_trainable_model,
                          make_rollout_model, resolve_devices, suppressed_token_ids)
@@ -101,7 +100,7 @@ class Run:
         checkpoint after the current step, then exit."""
         self.models, self.optimizer, self.prompts, self.replay, self.critic = models, optimizer, prompts, replay, critic
         self.eval_data = eval_data
-        self.peak_flops = peak_flops(models.policy_device, models.precision, self.specs.run.peak_tflops,
+        self.peak_flops = flops.peak_flops(models.policy_device, models.precision, self.specs.run.peak_tflops,
                                      self.specs.model.cache_dir)  # FLOP/s, for perf/mfu_*; None: unknown
         if self.resume:
             load_checkpoint(self.resume, models.policy, optimizer, prompts, replay, critic)
