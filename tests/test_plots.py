@@ -370,3 +370,21 @@ def test_plot_run_leaves_no_garbage_behind(dapo_run, grpo_run):
 
     plot_run(dapo_run, compare_dir=grpo_run)
     assert gc.collect() < 2_000
+
+
+def test_trainers_draw_their_plots_in_a_child_process(dapo_run, grpo_run, tmp_path):
+    """RunLog.plot runs `python -m utils.plot_metrics RUN --compare OTHER`: the trainer never loads matplotlib (its
+    figures and caches stay out of a long run's memory), and a drawing that fails is a warning."""
+    import types
+
+    from utils.runlog import RunLog
+
+    warned = []
+    log = types.SimpleNamespace(dir=dapo_run, warn=warned.append)
+    written = RunLog.plot(log, grpo_run)
+    assert [os.path.basename(p) for p in written] == ["training_metrics.png", "attention_mdi.png", "rollout_gap.png",
+                                                      "dapo_vs_grpo.png"] and not warned
+    assert RunLog.plot(log, str(tmp_path / "gone")) == [] and warned[0].startswith("plots not drawn: ")
+    loaded = subprocess.run([sys.executable, "-c", "import sys, utils.trainer; print('matplotlib' in sys.modules)"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert loaded.stdout.strip() == "False", loaded.stderr

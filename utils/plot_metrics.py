@@ -1,10 +1,11 @@
 """Plots of the metrics a trainer writes to `runs/<trainer>_<timestamp>/metrics.jsonl`.
 
 Usage:
-    python -m utils.plot_metrics RUN_DIR
+    python -m utils.plot_metrics RUN_DIR [--compare OTHER_RUN_DIR]
         writes RUN_DIR/plots/training_metrics.png (and attention_mdi.png when the run logged
         attention/<stage>/mdi, rollout_gap.png when it logged rollout/*, grounding.png when it logged grounding/* or
-        eval/accuracy_blank_image), then prints the paths
+        eval/accuracy_blank_image, and with --compare the figure a trainer draws against COMPARE_WITH's run), then prints
+        the paths (this is how the trainers draw their plots: in a child process)
     python -m utils.plot_metrics RUN_DIR [RUN_DIR ...] [--out FILE] [--x step|samples|tokens|time] [--labels ...]
         overlays the runs in one figure, FILE (default: runs_comparison.png in the current folder). Runs whose
         configs differ only in SEED form a group, drawn as its mean with a band (min–max of 2 seeds, ± one std of
@@ -465,13 +466,15 @@ def plot_run(run_dir, compare_dir=None):
             path = os.path.join(plots, "dapo_vs_grpo.png")
             keep(plot_dapo_vs_grpo_comparison(dapo_dir, grpo_dir, path), path)
     gc.collect()  # a closed figure is a web of reference cycles (~45,000 objects a redraw): free it now, not whenever
-    return written  # Python's next full collection comes round — a long run's memory grew by each redraw until then
+    return written  # Python's next full collection comes round (a caller that redraws often would keep them)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m utils.plot_metrics", description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl")
     parser.add_argument("--out", help="comparison figure (default: runs_comparison.png)")
+    parser.add_argument("--compare", metavar="RUN_DIR", help="with one run folder: also draw its comparison with this "
+                        "run (dapo_vs_grpo.png, or comparison.png with a PPO run) into its plots/, as a trainer does")
     parser.add_argument("--x", choices=X_AXES, default="step", help="x-axis of the comparison: steps, completions "
                         "generated, completion tokens generated, or training seconds (default: step)")
     parser.add_argument("--labels", help="comma-separated, one per run folder: runs of one label are drawn as one "
@@ -487,7 +490,7 @@ def main(argv=None):
             sys.exit(f"plot_metrics: error: {run_dir!r} logged no {X_AXES[args.x][0]} (a run from before the "
                      f"cumulative counts were logged): plot it with --x step")
     if len(args.run_dirs) == 1 and args.out is None:
-        for path in plot_run(args.run_dirs[0]):
+        for path in plot_run(args.run_dirs[0], args.compare):
             print(path)
     else:
         out = args.out or "runs_comparison.png"

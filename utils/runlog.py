@@ -7,6 +7,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 
 from tqdm import tqdm
@@ -14,7 +16,9 @@ from tqdm import tqdm
 from utils.attention import per_row
 from utils.distributed import all_reduce_max, all_reduce_sum, broadcast_object, is_main_process
 from utils.markdown_logs import TerminalLog, append_attention_diagnostics, append_rollout_results, append_token_weights
-from utils.plot_metrics import plot_run
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: `-m utils.plot_metrics` runs here
 
 
 def echo(message):
@@ -104,9 +108,15 @@ class RunLog:
                              weights=weights, vgr=vgr, visual_kl=None if visual is None else visual.kl)
 
     def plot(self, compare=None):
-        """Redraw plots/ from metrics.jsonl (utils/plot_metrics.py), against the run folder `compare` if given;
-        returns the files drawn."""
-        return plot_run(self.dir, compare)
+        """Redraw plots/ from metrics.jsonl, against the run folder `compare` if given, in a child process
+        (`python -m utils.plot_metrics`): the trainer never loads matplotlib, whose figures and caches would otherwise
+        sit in a long run's memory. Returns the files drawn; a failed drawing is a warning, not the run's end."""
+        command = [sys.executable, "-m", "utils.plot_metrics", os.path.abspath(self.dir)] + \
+            (["--compare", os.path.abspath(compare)] if compare else [])
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            self.warn(f"plots not drawn: {(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}")
+        return done.stdout.split()
 
     def print_metrics(self, metrics, keys):
         def label(key):  # "reward/accuracy/mean" -> "accuracy/mean"; eval keys keep their namespace
