@@ -368,6 +368,7 @@ def test_plot_run_leaves_no_garbage_behind(dapo_run, grpo_run):
     redraw of a long run's plots added ~45,000 objects (tens of MiB) until one came round (benchmarks/soak.py)."""
     import gc
 
+    gc.collect()  # what earlier tests left
     plot_run(dapo_run, compare_dir=grpo_run)
     assert gc.collect() < 2_000
 

@@ -133,19 +133,19 @@ def measured_cpu_peak(windows=10, seconds=0.03, size=1024, cache_dir=None):
           f"torch {torch.__version__}"
     path = os.path.join(cache_dir, "cpu_peak_flops.json") if cache_dir else None
     stored = json.load(open(path)) if path and os.path.exists(path) else {}
-    if key in _PEAK_CACHE or key in stored:
-        return _PEAK_CACHE.get(key) or stored[key]
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    best = 0.0
-    for _ in range(windows):
-        start, runs = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            a @ b
-            runs += 1
-        best = max(best, 2.0 * size**3 * runs / (time.perf_counter() - start))
+    best = stored.get(key) or _PEAK_CACHE.get(key)
+    if best is None:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm-up
+        best = 0.0
+        for _ in range(windows):
+            start, runs = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                a @ b
+                runs += 1
+            best = max(best, 2.0 * size**3 * runs / (time.perf_counter() - start))
     _PEAK_CACHE[key] = best
-    if path:
+    if path and key not in stored:
         os.makedirs(cache_dir, exist_ok=True)
         with open(path, "w") as f:
             json.dump({**stored, key: best}, f, indent=1)

@@ -267,10 +267,10 @@ def overlay(groups, panels, out_path, x="step", colors=None, title=None):
     if heading:
         fig.suptitle("\n".join(heading), fontsize=11, y=0.995, va="top", color="tab:red" if note else "black")
     handles = [Line2D([], [], color=colors[i % len(colors)], linewidth=2) for i in range(len(groups))]
-    columns = max(1, min(len(groups), 4, 130 // max(len(label) for label, _, _ in groups)))  # long labels: fewer
-    fig.legend(handles, [label for label, _, _ in groups], loc="upper center", ncol=columns, fontsize=9,
+    per_row = max(1, min(len(groups), 4, 130 // max(len(label) for label, _, _ in groups)))  # long labels: fewer
+    fig.legend(handles, [label for label, _, _ in groups], loc="upper center", ncol=per_row, fontsize=9,
                bbox_to_anchor=(0.5, 1 - 0.045 * len(heading)), frameon=False)
-    return _save(fig, out_path, top=1 - 0.045 * (len(heading) + math.ceil(len(groups) / columns)))  # room on top
+    return _save(fig, out_path, top=1 - 0.045 * (len(heading) + math.ceil(len(groups) / per_row)))  # room on top
 
 
 def plot_dapo_vs_grpo_comparison(dapo_dir, grpo_dir, out_path, x="step"):
