@@ -91,7 +91,6 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
     logits = lm_head(out.last_hidden_state[:, -1])  # [B, V]
     flops.count_prompts(backbone, inputs)
     flops.count_logits(model, len(logits))
-    prompt_lengths = inputs["attention_mask"].sum(1).repeat_interleave(group_size).cpu()  # [N] valid prompt tokens
 
     # Each prompt's cache, logits and position to its G rows.
     cache.batch_repeat_interleave(group_size)
@@ -136,7 +135,17 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
         out = backbone(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True)
         logits = lm_head(out.last_hidden_state[:, -1])
-        flops.count_suffix(backbone, prompt_lengths[alive.cpu()] + t, torch.ones(len(alive)))  # token t, cached before
-        flops.count_logits(model, len(alive))
         next_position = next_position + 1
-    return completion_ids[:, :length], logprobs[:, :length], log_kept[:, :length]
+    completion_ids = completion_ids[:, :length]
+    count_decoding(model, inputs["attention_mask"].sum(1).repeat_interleave(group_size), completion_ids, eos)
+    return completion_ids, logprobs[:, :length], log_kept[:, :length]
+
+
+def count_decoding(model, prompt_lengths, completion_ids, eos):
+    """Count the decode steps' model FLOPs (utils/flops.py) once the loop is done, not per token: each row fed back
+    every token it sampled but its last (its end token, or the one at the length limit), each attending its prompt
+    and the tokens before it. prompt_lengths: valid prompt tokens per row [N]; completion_ids [N, L]."""
+    ended = torch.isin(completion_ids, eos)
+    sampled = torch.where(ended.any(1), ended.int().argmax(1) + 1, completion_ids.shape[1])  # [N]
+    flops.count_suffix(layout.backbone(model), prompt_lengths, sampled - 1)
+    flops.count_logits(model, (sampled - 1).sum().item())

@@ -14,7 +14,7 @@ import time
 from tqdm import tqdm
 
 from utils.attention import per_row
-from utils.distributed import all_reduce_max, all_reduce_sum, broadcast_object, is_main_process
+from utils.distributed import all_reduce_max, all_reduce_sum, broadcast_object, current_world, is_main_process
 from utils.markdown_logs import TerminalLog, append_attention_diagnostics, append_rollout_results, append_token_weights
 
 
@@ -230,7 +230,7 @@ def perf_metrics(timer, generated_tokens, completions, peak=None):
     perf = {"perf/step_s": step_s, **{f"perf/{n}_s": s for n, s in zip(names, seconds)},
             "perf/tokens_per_s": tokens / step_s, "perf/flops_per_step": sum(flops)}
     if peak:
-        ranks = all_reduce_sum(1)
+        ranks = current_world().world_size
         for name, f, s in zip(names, flops, seconds):
             if name != "logprob":
                 perf[f"perf/mfu_{name}"] = f / s / (peak * ranks) if s > 0 else float("nan")
