@@ -48,6 +48,10 @@ MAX_PIXELS = 0  # most pixels per image after resizing; 0 = the processor's own,
 CPU_THREADS = 2  # torch threads on CPU; 0 = torch's default. Use 1 when another job shares the cores
 GRADIENT_CHECKPOINTING = False  # bool; trade compute for memory on large models
 FREEZE_VISION_TOWER = False  # bool; train only the language model (and the vision-language merger)
+LORA_RANK = 0  # r of the LoRA adapters (PEFT) that train instead of the weights; 0 = full fine-tuning
+LORA_ALPHA = 32.0  # LoRA scale: an adapter adds (LORA_ALPHA / LORA_RANK)·B·A to its layer's weight
+LORA_DROPOUT = 0.0  # dropout on the adapters' inputs in training
+LORA_TARGET_MODULES = "language"  # "language" (every linear layer of the text decoder) | "vision" | names, "q_proj,v_proj"
 SEED = 0  # int; seeds torch, data order and sampling
 
 # ── Data ──────────────────────────────────────────────────────────────────────────────────────────

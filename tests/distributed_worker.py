@@ -18,7 +18,9 @@ from utils.distributed import (all_reduce_mean, gather_full_state_dict, gather_r
                                rank_rows, replay_slots, shard_model)
 from utils.generation import Decoding  # noqa: E402
 from utils.logprobs import Passes, batched_logprobs  # noqa: E402
+from utils.lora import add_adapters, merged_copy  # noqa: E402
 from utils.model import load_model, load_processor, suppressed_token_ids, sync_rollout_model  # noqa: E402
+from utils.precision import inference_dtype  # noqa: E402
 from utils.rollout import generate, sample_step, select_rows  # noqa: E402
 from utils.specs import build_specs  # noqa: E402
 from utils.update import Targets, policy_update  # noqa: E402
@@ -104,6 +106,47 @@ def parity(world, out, inputs):
                    os.path.join(out, "bf16.pt"))
 
 
+def lora_model(path, precision="fp32"):
+    """The tiny VLM with rank-4 adapters on the text decoder, B made non-zero: the same on every rank and in the
+    test's one process (seeded)."""
+    torch.manual_seed(0)
+    spec = update_specs(LORA_RANK=4, LORA_ALPHA=8.0)
+    model = add_adapters(load_model(path, "cpu", inference_dtype(precision)), spec.lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def lora(world, out, inputs):
+    """LoRA under FSDP2: one SGD step on this rank's rows (the adapters' gradients summed over ranks), the merged
+    generation copy refreshed from the sharded policy, and a bf16-mixed step (bf16 base, fp32 adapters)."""
+    rows = inputs["rows"][world.rank]
+    batch = select_rows(inputs["batch"], rows)
+    policy = lora_model(inputs["path"])
+    copy = merged_copy(policy, "cpu", torch.float32)
+    model = shard_model(policy, "fp32")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    specs = update_specs(MICRO_BATCH_SIZE=2)
+    stats = policy_update(model, opt, batch, rank_targets(inputs, rows, "logp_old_lora"), specs.loss, specs.optim,
+                          warn=lambda *_: None)
+    state = gather_full_state_dict(model)  # the adapters only
+    sync_rollout_model(model, copy)
+    if world.is_main:
+        torch.save({"state": state, "stats": stats, "copy": copy.state_dict()}, os.path.join(out, "lora.pt"))
+    model = shard_model(lora_model(inputs["path"], "bf16-mixed"), "bf16-mixed")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    before = {k: v.clone() for k, v in gather_full_state_dict(model, to_all_ranks=True).items()}
+    stats = policy_update(model, opt, batch, rank_targets(inputs, rows, "logp_old_lora"), specs.loss, specs.optim,
+                          Passes(precision="bf16-mixed"), warn=lambda *_: None)
+    after = gather_full_state_dict(model, to_all_ranks=True)
+    if world.is_main:
+        dtypes = {("adapter" if "lora_" in n else "base"): str(p.dtype) for n, p in model.named_parameters()}
+        torch.save({"moved": {k: bool((after[k] != before[k]).any()) for k in after}, "stats": stats,
+                    "dtypes": dtypes}, os.path.join(out, "lora_bf16.pt"))
+
+
 def gathering(world, out):
     """gather_rows on uneven shapes and dtypes; all_reduce_mean; a padding rank's rows left out; replay slots."""
     rows = torch.full((world.rank + 1, world.rank + 2), world.rank + 0.5)
@@ -161,6 +204,7 @@ if __name__ == "__main__":
     folder = sys.argv[1]
     inputs = torch.load(os.path.join(folder, "inputs.pt"), weights_only=False)
     parity(world, folder, inputs)
+    lora(world, folder, inputs)
     gathering(world, folder)
     dynamic_sampling(world, folder, inputs)
     torch.distributed.destroy_process_group()

@@ -13,11 +13,13 @@ from utils.distributed import (World, all_reduce_mean, all_reduce_sum, gather_ro
                                rank_share, replay_slots, split_quota)
 from utils.generation import Decoding
 from utils.logprobs import batched_logprobs
+from utils.lora import merged_copy
 from utils.model import load_model, load_processor, suppressed_token_ids
 from utils.rollout import generate
+from utils.trainer import trainable
 from utils.update import Targets, policy_update
 
-from tests.distributed_worker import PARITY_CASES, parity_logp_old
+from tests.distributed_worker import PARITY_CASES, lora_model, parity_logp_old
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -65,6 +67,7 @@ def torchrun_results(tiny_vlm_path, tmp_path_factory):
     inputs["logp_old_untied"], _ = batched_logprobs(untied, batch, 12)
     noise = torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))
     inputs["logp_old_perturbed"] = logp_old + 2e-4 * noise  # ratios off 1 for the loss cases
+    inputs["logp_old_lora"], _ = batched_logprobs(lora_model(tiny_vlm_path), batch, 12)
     torch.save(inputs, folder / "inputs.pt")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -126,6 +129,36 @@ def test_bf16_mixed_precision_trains_every_parameter_with_fp32_master_weights(to
     got = torch.load(folder / "bf16.pt", weights_only=False)
     assert got["dtypes"] == {"torch.float32"}
     assert all(got["moved"].values()), [k for k, v in got["moved"].items() if not v]
+    assert torch.isfinite(torch.tensor([got["stats"]["loss"], got["stats"]["grad_norm"]])).all()
+
+
+def test_lora_adapters_step_like_one_process_and_refresh_the_merged_copy(torchrun_results, make_specs):
+    """LoRA under FSDP2: the adapters' step on 2 ranks equals one process's on the whole batch; only the adapters are
+    gathered for the checkpoint; the generation copy holds W + (α/r)·B·A of the trained adapters."""
+    folder, inputs = torchrun_results
+    got = torch.load(folder / "lora.pt", weights_only=False)
+    model = lora_model(inputs["path"])
+    specs = make_specs(MICRO_BATCH_SIZE=len(inputs["batch"]), MAX_GRAD_NORM=1e9)
+    targets = Targets(inputs["advantages"], inputs["batch"].completion_mask.float(), inputs["logp_old_lora"])
+    policy_update(model, torch.optim.SGD(trainable(model), lr=1.0), inputs["batch"], targets, specs.loss,
+                  specs.optim, warn=lambda *_: None)
+    expected = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    gathered_base = {k for k in got["state"] if "lora_" not in k}
+    assert set(got["state"]) - gathered_base == set(expected)
+    assert gathered_base <= {"base_model.model.lm_head.weight"}  # of the frozen base at most the tied head
+    assert max_difference({k: got["state"][k] for k in expected}, expected) < 1e-5
+    assert max_difference(lora_model(inputs["path"]).state_dict(), expected) > 1e-3  # the step moved them
+    merged = merged_copy(model, "cpu", torch.float32).state_dict()
+    assert max_difference(got["copy"], merged) < 1e-5
+    assert max_difference(merged, load_model(inputs["path"], "cpu", torch.float32).state_dict()) > 1e-3
+
+
+def test_lora_under_bf16_mixed_keeps_a_bf16_base_and_trains_fp32_adapters(torchrun_results):
+    got = torch.load(torchrun_results[0] / "lora_bf16.pt", weights_only=False)
+    assert got["dtypes"] == {"base": "torch.bfloat16", "adapter": "torch.float32"}
+    adapters = {k: moved for k, moved in got["moved"].items() if "lora_" in k}
+    assert adapters and all(adapters.values())  # every adapter trained
+    assert not any(moved for k, moved in got["moved"].items() if k not in adapters)  # the base did not
     assert torch.isfinite(torch.tensor([got["stats"]["loss"], got["stats"]["grad_norm"]])).all()
 
 

@@ -2,7 +2,8 @@
 
 `<run>/checkpoints/step_N/` holds
 * the policy's weights (safetensors via `save_pretrained`) and the processor: a folder transformers loads
-  directly, usable as MODEL_NAME_OR_PATH;
+  directly, usable as MODEL_NAME_OR_PATH; of a LoRA policy its adapters, in PEFT's format (utils/lora.py:
+  `PeftModel.from_pretrained(base, folder)` loads them, `python -m utils.lora` writes the merged model);
 * `run_config.json`: the run's resolved config (the trainer's constants with their overrides);
 * `training_state.pt`: the step, the optimizer state, every random number generator that influences the run
   (torch CPU and CUDA, python `random`, numpy), the PromptSampler's position, the ReplayBuffer's groups and
@@ -75,7 +76,9 @@ def critic_modules(critic, policy):
 
 
 def write_weights(path, model, processor, state_dict=None):
-    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    """The model's weights and the processor; of a LoRA policy only its adapters, in PEFT's format."""
+    lora = {"save_embedding_layers": False} if layout.is_lora(model) else {}  # (else PEFT may ask the hub)
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True, **lora)
     processor.save_pretrained(path)
 
 

@@ -62,11 +62,10 @@ def build_critic(specs, models):
     from utils.distributed import shard_critic
     from utils.model import load_trainable_model
 
-    m = specs.model
     if specs.critic.shared_backbone:
         body = layout.backbone(models.policy)
     else:  # a separate copy of the starting model, without its language-model head
-        body = layout.backbone(load_trainable_model(models.path, models.policy_device, m.trust_remote_code,
-                                                    m.gradient_checkpointing, m.freeze_vision_tower))
+        body = layout.backbone(load_trainable_model(models.path, models.policy_device, specs.model, specs.lora,
+                                                    models.precision))  # LoRA: its own adapters
     critic = Critic(body, layout.hidden_size(models.policy), specs.critic).to(models.policy_device).train()
     return shard_critic(critic, models.policy, models.precision)  # torchrun: its head (and a separate backbone)

@@ -309,13 +309,12 @@ def shard_model(model, precision):
     backbone and then the lm_head itself (utils/logprobs.py, PPO's shared critic), so the backbone must be the
     root: its hooks run on that call, and a root keeps its parameters gathered from its forward to the end of the
     backward, which is when lm_head runs. (`model(...)`, e.g. generate(), works too.)
-    Sharded parameters, gradients and so AdamW state stay fp32; precision "bf16-mixed" computes in bf16 and
-    reduces gradients in fp32. Gradients are summed over ranks (not averaged): policy_update divides the loss by
+    Sharded parameters, gradients and so AdamW state stay fp32 (a LoRA policy's frozen base stays as loaded);
+    precision "bf16-mixed" computes in bf16 and reduces gradients in fp32. Gradients are summed over ranks (not averaged): policy_update divides the loss by
     global counts. In one process the model is returned as it is.
     """
     if not is_distributed():
         return model
-    model.float()
     # lm_head sits outside the backbone; FSDP swaps its weight (sharded / gathered) on lm_head as on every module
     # that holds it.
     _shard_backbone(layout.backbone(model), precision, extra=layout.lm_head(model))
@@ -353,7 +352,8 @@ def gather_full_state_dict(model, to_all_ranks=False):
     is not sharded gives its own state dict."""
     if not is_distributed():
         return model.state_dict()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not to_all_ranks)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not to_all_ranks,
+                               ignore_frozen_params=layout.is_lora(model))  # LoRA: only the adapters
     state = get_model_state_dict(model, options=options)
     return {k: v.cpu() for k, v in state.items()} if to_all_ranks else state
 

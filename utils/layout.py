@@ -4,23 +4,45 @@ The model is the whole VLM, a Qwen2VLForConditionalGeneration or Qwen2_5_VLForCo
 and Qwen2.5-VL share this layout. `model.model` is the backbone (the vision tower `visual`, with its `blocks`
 and its vision-language `merger`, and the text decoder `language_model`, with its `layers`); `model.lm_head`
 maps its final hidden states to logits. The rest of the code reaches the parts through these functions, so a
-model laid out differently (a PEFT-wrapped one, another family) is added here and nowhere else.
+model laid out differently (another family) is added here and nowhere else.
+
+A LoRA policy (utils/lora.py) is the model wrapped by PEFT: a `PeftModel` whose `get_base_model()` is the model
+above, with adapters injected into its linear layers in place. Every function here takes either; `AdaptersOff`
+is such a policy seen as its base model (the reference of the KL terms: the starting weights, adapters off).
 """
+
+import contextlib
+import re
+
+
+def unwrapped(model):
+    """The transformers model itself: `model`, or the model a PEFT wrapper holds."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def is_lora(model):
+    """Whether `model` is a PEFT-wrapped (LoRA) policy."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def _backbone_of(module):
     """The backbone of `module`, the whole model or already its backbone (only the whole model has an lm_head)."""
+    module = unwrapped(module)
     return module.model if hasattr(module, "lm_head") else module
 
 
 def backbone(model):
     """The decoder with the vision tower (`model.model`): prompt inputs in, final hidden states out."""
-    return model.model
+    return unwrapped(model).model
 
 
 def lm_head(model):
     """The linear map from the backbone's final hidden states to the vocabulary's logits."""
-    return model.lm_head
+    return unwrapped(model).lm_head
 
 
 def vision_tower(model_or_backbone):
@@ -46,3 +68,41 @@ def decoder_layers(model_or_backbone):
 def hidden_size(model):
     """The width of the text decoder's hidden states (what the backbone returns, what lm_head reads)."""
     return model.config.get_text_config().hidden_size
+
+
+# ── LoRA ─────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def lora_target_pattern(targets):
+    """The regular expression (PEFT's `target_modules`, matched against the whole module name) of the linear layers
+    LORA_TARGET_MODULES names: "language" = every linear layer of the text decoder's layers, "vision" = every linear
+    layer of the vision tower (blocks and merger), any other name = the layers of that name in the text decoder."""
+    decoder = r"(.*\.)?language_model\.layers\.\d+\..*"
+    parts = []
+    for target in targets:
+        if target == "language":
+            parts.append(decoder + r"_proj")
+        elif target == "vision":
+            parts.append(r"(.*\.)?visual\.(blocks\.\d+\..*(qkv|proj)|merger\.mlp\.\d+)")
+        else:
+            parts.append(decoder + re.escape(target))
+    return "|".join(f"({p})" for p in parts)
+
+
+class AdaptersOff:
+    """A LoRA policy seen as its base model: `running()` switches its adapters off for the passes inside (PEFT's
+    disable_adapter), so the reference of the KL terms costs no copy of the weights."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+
+@contextlib.contextmanager
+def running(model):
+    """The module whose forward passes are `model`'s, for the span of the `with`: an AdaptersOff's policy with its
+    adapters switched off; any other model as it is."""
+    if isinstance(model, AdaptersOff):
+        with model.policy.disable_adapter():
+            yield model.policy
+    else:
+        yield model

@@ -157,20 +157,21 @@ def batched_logprobs(model, batch, micro_batch_size, passes=Passes(), record=Tru
 
     Returns (logp [B, L] on CPU, masses): with record and passes.image_token_id, the attention bucket masses of the
     same forward passes (utils/attention.py) [layers, B, L, 4]; else None. (None, None) when `model` is None (a
-    trainer without a reference model).
+    trainer without a reference model). `model` may be a LoRA policy's base (utils.layout.AdaptersOff).
     """
     if model is None:
         return None, None
     record = record and passes.image_token_id is not None
     out, masses = [], []
-    for start in range(0, len(batch), micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        inputs, ids = slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows]
-        mask = batch.completion_mask[rows]
-        recorder = BucketMasses(model, inputs, mask, passes.image_token_id) if record else contextlib.nullcontext()
-        with recorder as collector:
-            logp, _ = completion_logprobs(model, inputs, ids, mask, passes.temperature)
-        if record:
-            masses.append(collector.values.cpu())
-        out.append(logp.cpu())
+    with layout.running(model) as model:  # a LoRA reference (layout.AdaptersOff): the policy, adapters off
+        for start in range(0, len(batch), micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            inputs, ids = slice_inputs(batch.prompt_inputs, rows), batch.completion_ids[rows]
+            mask = batch.completion_mask[rows]
+            recorder = BucketMasses(model, inputs, mask, passes.image_token_id) if record else contextlib.nullcontext()
+            with recorder as collector:
+                logp, _ = completion_logprobs(model, inputs, ids, mask, passes.temperature)
+            if record:
+                masses.append(collector.values.cpu())
+            out.append(logp.cpu())
     return torch.cat(out), torch.cat(masses, 1) if record else None

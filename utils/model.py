@@ -16,6 +16,8 @@ from transformers.image_utils import SizeDict
 
 from utils import layout
 from utils.distributed import current_world, full_tensor, is_distributed
+from utils.lora import add_adapters, load_adapters, merged_copy, sync_merged
+from utils.precision import inference_dtype
 
 EMBEDDED_MODEL = "embedded-tiny-vlm"
 # Tokens a policy must never sample: they only ever come from the processor.
@@ -84,15 +86,23 @@ def load_model(path, device, dtype, trust_remote_code=False):
     return model.to(device)
 
 
-def load_trainable_model(path, device, trust_remote_code=False, gradient_checkpointing=False,
-                         freeze_vision_tower=False):
-    """load_model in fp32 (the master weights, whatever the compute precision: utils/precision.py), in train mode;
-    optionally with gradient checkpointing, and with the vision tower frozen (its vision-language merger still
-    trains)."""
-    model = load_model(path, device, torch.float32, trust_remote_code)
-    if gradient_checkpointing:
+def load_trainable_model(path, device, spec, lora, precision="fp32", checkpoint=None):
+    """The model that trains, in train mode, by ModelSpec `spec` (gradient checkpointing, a frozen vision tower) and
+    LoraSpec `lora`: the starting model `path`, or the run's `checkpoint` when resuming. Full fine-tuning: fp32
+    weights (the master weights, whatever the compute precision: utils/precision.py), the checkpoint's; a frozen
+    vision tower leaves the vision-language merger training. LoRA (utils/lora.py): the starting model as a frozen
+    base, in bf16 under bf16-mixed (weights that never change need no fp32 master), with trainable fp32 adapters —
+    new ones, or the checkpoint's."""
+    weights = checkpoint if checkpoint and not lora.enabled else path
+    model = load_model(weights, device, inference_dtype(precision) if lora.enabled else torch.float32,
+                       spec.trust_remote_code)
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if freeze_vision_tower:
+    if lora.enabled:
+        if spec.gradient_checkpointing:  # a checkpointed layer of a frozen base needs inputs that require grad
+            model.enable_input_require_grads()
+        return load_adapters(model, checkpoint) if checkpoint else add_adapters(model, lora)
+    if spec.freeze_vision_tower:
         layout.vision_tower(model).requires_grad_(False)
         layout.vision_merger(model).requires_grad_(True)
     return model.train()
@@ -122,9 +132,12 @@ def load_reference_model(path, device, dtype, trust_remote_code=False):
 
 def make_rollout_model(policy, rollout_device, dtype):
     """The model that generates: the policy itself when it lives on the rollout device in `dtype` (fp32 training),
-    else a frozen copy on `rollout_device` in `dtype` (bf16-mixed: a bf16 inference copy). Under torchrun always a
-    copy, made before the policy is sharded: each rank generates with a whole model of its own, so generation needs
-    no communication and ranks may run different numbers of decode steps and rounds."""
+    else a frozen copy on `rollout_device` in `dtype` (bf16-mixed: a bf16 inference copy); for a LoRA policy always
+    a copy with the merged weights (utils/lora.py). Under torchrun always a copy, made before the policy is sharded:
+    each rank generates with a whole model of its own, so generation needs no communication and ranks may run
+    different numbers of decode steps and rounds."""
+    if layout.is_lora(policy):
+        return merged_copy(policy, rollout_device, dtype)
     weights = next(policy.parameters())
     if weights.device == torch.device(rollout_device) and weights.dtype == dtype and not is_distributed():
         return policy
@@ -136,9 +149,12 @@ def make_rollout_model(policy, rollout_device, dtype):
 @torch.no_grad()
 def sync_rollout_model(policy, rollout):
     """Copy the policy's weights into the rollout copy (after every optimizer step), rounding fp32 to the copy's
-    dtype. A sharded policy's parameters are gathered one at a time (every rank must call it)."""
+    dtype; a LoRA policy's merged weights. A sharded policy's parameters are gathered one at a time (every rank must
+    call it)."""
     if rollout is policy:
         return
+    if layout.is_lora(policy):
+        return sync_merged(policy, rollout)
     for p_dst, p_src in zip(rollout.parameters(), policy.parameters()):
         p_dst.copy_(full_tensor(p_src), non_blocking=True)
 

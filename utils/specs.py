@@ -105,6 +105,29 @@ class ModelSpec(Spec):
 
 
 @dataclass(frozen=True)
+class LoraSpec(Spec):
+    """LoRA adapters (utils/lora.py, with PEFT): rank 0 trains every weight (full fine-tuning)."""
+
+    rank: int = constant("LORA_RANK", low=0)
+    alpha: float = constant("LORA_ALPHA", above=0)
+    dropout: float = constant("LORA_DROPOUT", low=0, high=0.9)
+    target_modules: str = constant("LORA_TARGET_MODULES")
+
+    @property
+    def enabled(self):
+        return self.rank > 0
+
+    def targets(self):
+        """LORA_TARGET_MODULES as a list of names: "language", "vision" or a linear layer's name (e.g. "q_proj")."""
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    def check(self):
+        if self.enabled and not self.targets():
+            raise UserError(f"LORA_TARGET_MODULES={self.target_modules!r}: name at least one of 'language', "
+                            f"'vision' or a linear layer (e.g. 'q_proj,v_proj')")
+
+
+@dataclass(frozen=True)
 class DataSpec(Spec):
     """What data/load_datasets reads (data/ takes it as a plain object: it imports nothing from utils/)."""
 
@@ -356,6 +379,7 @@ class Specs:
     """Every spec of a trainer; `critic` is None for the group-relative trainers (GRPO, DAPO)."""
 
     model: ModelSpec
+    lora: LoraSpec
     data: DataSpec
     eval: EvalSpec
     rollout: RolloutSpec
@@ -367,7 +391,7 @@ class Specs:
     critic: CriticSpec | None = None
 
 
-SPEC_CLASSES = {"model": ModelSpec, "data": DataSpec, "eval": EvalSpec, "rollout": RolloutSpec, "rewards": RewardSpec,
+SPEC_CLASSES = {"model": ModelSpec, "lora": LoraSpec, "data": DataSpec, "eval": EvalSpec, "rollout": RolloutSpec, "rewards": RewardSpec,
                 "loss": LossSpec, "attention": AttentionSpec, "optim": OptimSpec, "run": RunSpec}
 
 
@@ -388,6 +412,9 @@ def build_specs(config):
                                          and rewards.weights_early.get("mdi"))) if on]
     if rollout.group_size < 2 and group_only:
         raise UserError(f"{', '.join(group_only)} compare the completions of a prompt: they need GROUP_SIZE >= 2")
+    if specs["lora"].enabled and specs["model"].freeze_vision_tower and "vision" in specs["lora"].targets():
+        raise UserError("FREEZE_VISION_TOWER=True with LORA_TARGET_MODULES naming 'vision': choose one (with LoRA "
+                        "the vision tower trains only through adapters, and only when LORA_TARGET_MODULES names it)")
     if rewards.overlong_buffer > rollout.max_new_tokens:
         raise UserError("OVERLONG_BUFFER must not exceed MAX_NEW_TOKENS")
     if ((attention.use_token_weights and attention.token_weight_source == "vgr") or rewards.uses_mdi) \

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from utils import flops
+from utils.layout import AdaptersOff
 from utils.checkpoint import (PreemptionGuard, checkpoint_step, find_resume_checkpoint, load_checkpoint,
                               resumed_config, run_dir_of, save_checkpoint)
 from utils.config import apply_overrides, format_config
@@ -233,17 +234,19 @@ def load_models(specs, run, reference):
 
         path = ensure_tiny_vlm(m.cache_dir, run.print)
     processor = load_processor(path, m.trust_remote_code, m.min_pixels, m.max_pixels)
-    policy = load_trainable_model(run.resume or path, policy_device, m.trust_remote_code, m.gradient_checkpointing,
-                                  m.freeze_vision_tower)  # resume: the checkpoint's weights
-    rollout = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 copy if mixed
+    policy = load_trainable_model(path, policy_device, m, specs.lora, precision, run.resume)  # LoRA: + adapters
+    rollout = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 / merged copy, or itself
     policy = shard_model(policy, precision)  # torchrun: FSDP2 shards (fp32 master weights); one process: as it is
-    ref = load_reference_model(path, rollout_device, inference_dtype(precision), m.trust_remote_code) if reference \
-        else None
+    ref = None
+    if reference:  # the starting model; with LoRA the policy without its adapters (no copy)
+        ref = AdaptersOff(policy) if specs.lora.enabled else load_reference_model(
+            path, rollout_device, inference_dtype(precision), m.trust_remote_code)
     image_token_id = policy.config.image_token_id if specs.attention.metrics else None
     run.print(f"policy on {policy_device} in {precision}, generation by "
               f"{'the policy' if rollout is policy else f'a {inference_dtype(precision)} copy on {rollout_device}'}, "
-              f"reference: {'yes' if ref else 'none'}, "
-              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
+              f"reference: {'none' if ref is None else 'the policy without adapters' if specs.lora.enabled else 'yes'}, "
+              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters"
+              f"{f', {sum(p.numel() for p in trainable(policy)) / 1e6:.3f}M in LoRA adapters' if specs.lora.enabled else ''}")
     passes = Passes(specs.rollout.temperature, precision, image_token_id)
     return Models(policy, rollout, ref, processor, precision, path, policy_device,
                   suppressed_token_ids(processor.tokenizer), passes,
