@@ -119,7 +119,10 @@ def test_dapo_stopped_three_ways_resumes_exactly(tiny_vlm_path, tmp_path):
              "--TOP_ENTROPY_QUANTILE=0.5"], "kill_after_save"),
     ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False",
              "--POLICY_LOSS=clip_cov", "--CLIP_COV_FRACTION=0.05", "--CLIP_COV_LOW=-100"], "kill_while_saving"),
-], ids=["grpo-gspo-sigterm-in-eval", "ppo-shared-critic-cispo", "ppo-separate-critic-clip_cov"])
+    # LoRA: the policy's adapters, the separate critic's own adapters, the reference without adapters (KL_COEF)
+    ("ppo", ["--GROUP_SIZE=1", "--TRAIN_BATCH_PROMPTS=6", "--CRITIC_WARMUP_STEPS=1", "--CRITIC_SHARED_BACKBONE=False",
+             "--LORA_RANK=4", "--LEARNING_RATE=3e-3"], "kill_after_save"),
+], ids=["grpo-gspo-sigterm-in-eval", "ppo-shared-critic-cispo", "ppo-separate-critic-clip_cov", "ppo-lora"])
 def test_killed_run_resumes_exactly(tiny_vlm_path, tmp_path, trainer, args, mode):
     ok(run(trainer, tmp_path / "ref", *args))
     at = 4 if mode == "kill_while_saving" else 2

@@ -12,7 +12,6 @@ is such a policy seen as its base model (the reference of the KL terms: the star
 """
 
 import contextlib
-import re
 
 
 def unwrapped(model):
@@ -73,20 +72,24 @@ def hidden_size(model):
 # ── LoRA ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def lora_target_pattern(targets):
-    """The regular expression (PEFT's `target_modules`, matched against the whole module name) of the linear layers
-    LORA_TARGET_MODULES names: "language" = every linear layer of the text decoder's layers, "vision" = every linear
-    layer of the vision tower (blocks and merger), any other name = the layers of that name in the text decoder."""
-    decoder = r"(.*\.)?language_model\.layers\.\d+\..*"
-    parts = []
-    for target in targets:
-        if target == "language":
-            parts.append(decoder + r"_proj")
-        elif target == "vision":
-            parts.append(r"(.*\.)?visual\.(blocks\.\d+\..*(qkv|proj)|merger\.mlp\.\d+)")
-        else:
-            parts.append(decoder + re.escape(target))
-    return "|".join(f"({p})" for p in parts)
+def lora_targets(model, targets):
+    """The names (in the unwrapped model) of the linear layers LORA_TARGET_MODULES names: "language" = every linear
+    layer of the text decoder's layers, "vision" = every linear layer of the vision tower (blocks and merger), any
+    other name = the text decoder's linear layers of that name (e.g. "q_proj")."""
+    import torch
+
+    model = unwrapped(model)
+    decoder = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+    vision = {id(m) for m in vision_tower(model).modules()}
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        in_decoder = id(module) in decoder
+        if (in_decoder and ("language" in targets or name.rsplit(".", 1)[-1] in targets)) or \
+                (id(module) in vision and "vision" in targets):
+            names.append(name)
+    return names
 
 
 class AdaptersOff:

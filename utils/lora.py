@@ -38,16 +38,16 @@ def add_adapters(model, lora):
     frozen (whatever their dtype), the adapters fp32 and trainable."""
     from peft import LoraConfig, get_peft_model
 
-    pattern = layout.lora_target_pattern(lora.targets())
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern)
-    try:
-        with quiet():
-            return get_peft_model(model, config, autocast_adapter_dtype=True).train()
-    except ValueError as e:
-        if "not found" not in str(e):
-            raise
-        raise ValueError(f"LORA_TARGET_MODULES={','.join(lora.targets())!r}: no linear layer of the model matches "
-                         f"(names: 'language', 'vision', or a text decoder layer's, e.g. 'q_proj')") from None
+    names = layout.lora_targets(model, lora.targets())
+    unmatched = [t for t in lora.targets() if t not in ("language", "vision") and
+                 not any(n.rsplit(".", 1)[-1] == t for n in names)]
+    if unmatched or not names:
+        raise ValueError(f"LORA_TARGET_MODULES={','.join(lora.targets())!r}: no linear layer of the text decoder is "
+                         f"named {', '.join(map(repr, unmatched))} (names: 'language', 'vision', or a text decoder "
+                         f"layer's, e.g. 'q_proj')")
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names)
+    with quiet():
+        return get_peft_model(model, config, autocast_adapter_dtype=True).train()
 
 
 def load_adapters(model, checkpoint):
