@@ -26,6 +26,7 @@
   python benchmarks/real_shape.py --plan --fsdp
   python benchmarks/real_shape.py --device cuda:0                        # full 3B, one GPU, default shapes
   python benchmarks/real_shape.py --device cuda:0 --model 7b --micro-batch-size 2
+  python benchmarks/real_shape.py --device cuda:0 --model 7b --lora-rank 64       # LoRA: bf16 base, fp32 adapters
   python benchmarks/real_shape.py --layers 2 --vision-depth 2 --image-size 224x224 --prompt-tokens 0 \\
       --max-new-tokens 32 --prompts 2 --group-size 4 --micro-batch-size 4  # CPU cut-down (~10 GB RAM)
 """
@@ -58,11 +59,12 @@ from utils import layout  # noqa: E402
 from utils.config import constants_of  # noqa: E402
 from utils.generation import Decoding  # noqa: E402
 from utils.logprobs import LOGITS_BUDGET_BYTES, Passes, batched_logprobs  # noqa: E402
+from utils.lora import add_adapters  # noqa: E402
 from utils.model import (  # noqa: E402
     ImageOnlyProcessor, make_rollout_model, set_pixel_limits, suppressed_token_ids, sync_rollout_model)
 from utils.rl import group_advantages  # noqa: E402
 from utils.rollout import generate, select_rows  # noqa: E402
-from utils.specs import build_specs  # noqa: E402
+from utils.specs import LoraSpec, build_specs  # noqa: E402
 from utils.tiny_vlm import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer  # noqa: E402
 from utils.update import Targets, policy_update  # noqa: E402
 
@@ -224,10 +226,16 @@ def child(args):
 
     def load():
         policy = build_model(config, device)
+        if args.lora_rank:
+            policy.to(torch.bfloat16)  # the frozen base in bf16, as utils.model.load_trainable_model holds it
         if args.child == "on":
             policy.gradient_checkpointing_enable()
+            if args.lora_rank:
+                policy.enable_input_require_grads()
+        if args.lora_rank:  # fp32 adapters on every linear layer of the text decoder (LORA_TARGET_MODULES default)
+            policy = add_adapters(policy, LoraSpec(args.lora_rank, 2.0 * args.lora_rank, 0.0, "language"))
         policy.train()
-        rollout_model = make_rollout_model(policy, device, torch.bfloat16)  # the trainer's bf16 generation copy
+        rollout_model = make_rollout_model(policy, device, torch.bfloat16)  # the bf16 (LoRA: merged) generation copy
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6,
                                       weight_decay=specs.optim.weight_decay)  # state allocated at the first step
         return policy, rollout_model, optimizer
@@ -269,7 +277,7 @@ def run_child(args, setting, workdir):
     out = os.path.join(workdir, setting)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", setting, "--child-out", out]
     for name in ("model", "device", "layers", "vision_depth", "prompts", "group_size", "max_new_tokens",
-                 "image_size", "prompt_tokens", "max_pixels", "micro_batch_size", "threads"):
+                 "image_size", "prompt_tokens", "max_pixels", "micro_batch_size", "threads", "lora_rank"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -291,7 +299,9 @@ def report(args, results):
           f"prompt {first.get('prompt_width', '?')} tokens ({first.get('image_tokens', '?')} image tokens), "
           f"<= {args.max_new_tokens} new tokens, micro-batch {args.micro_batch_size} | bf16-mixed | {first['device']}"
           f" | threads {torch.get_num_threads()}")
-    labels = {"load": "model load (fp32 policy + bf16 copy)", "generation": "generation (bf16 copy)",
+    load = f"bf16 base + LoRA rank {args.lora_rank} + merged bf16 copy" if args.lora_rank else \
+        "fp32 policy + bf16 copy"
+    labels = {"load": f"model load ({load})", "generation": "generation (bf16 copy)",
               "logprobs": "log-probs + attention (bf16 copy)", "update": "update incl. AdamW state"}
     print(f"peak memory ({kind}) per part: held at the start of the part -> peak during it, GiB; seconds")
     print(f"{'part':<38}" + "".join(f"{'checkpointing ' + s:>32}" for s in results))
@@ -449,6 +459,8 @@ def main():
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both", help="gradient checkpointing")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank instead of full fine-tuning")
+    p.add_argument("--json", help="also write the measured parts to this file")
     p.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -468,6 +480,9 @@ def main():
             results[s] = run_child(args, s, workdir)
             print(f"  gradient checkpointing {s}: measured in {time.time() - start:.0f}s", flush=True)
     report(args, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
