@@ -149,7 +149,7 @@ FREE_FORM = {  # constants whose every value of their type is allowed (names, sp
     "CLIP_COV_LOW", "CLIP_COV_HIGH"}  # the covariance bounds: any numbers, CLIP_COV_LOW < CLIP_COV_HIGH
 OUT_OF_DOMAIN_TEXT = {"MODEL_NAME_OR_PATH": "./no/such/model", "DATASET": "./no_such.jsonl",
                       "EVAL_DATASET": "./no_such.jsonl", "REPORT_TO": "nope", "RESUME": "./no_such_run",
-                      "POLICY_DEVICE": "gpu", "ROLLOUT_DEVICE": "gpu", "REWARD_WEIGHTS_EARLY": "{'nope': 1.0}"}
+                      "POLICY_DEVICE": "gpu", "ROLLOUT_DEVICE": "gpu", "LORA_TARGET_MODULES": "q-proj", "REWARD_WEIGHTS_EARLY": "{'nope': 1.0}"}
 
 
 def out_of_domain(name, field):

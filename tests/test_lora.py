@@ -16,7 +16,7 @@ from utils.config import UserError
 from utils.critic import build_critic
 from utils.generation import Decoding
 from utils.logprobs import Passes, batched_logprobs
-from utils.lora import add_adapters, lora_layers, merged_copy, sync_merged
+from utils.lora import lora_layers, merged_copy
 from utils.model import load_model, load_processor, load_trainable_model, suppressed_token_ids, sync_rollout_model
 from utils.rollout import generate
 from utils.trainer import trainable
@@ -73,8 +73,9 @@ def test_targets_name_the_adapted_layers_and_only_adapters_train(tiny_vlm_path, 
 def test_bad_targets_are_refused(tiny_vlm_path, make_specs):
     with pytest.raises(ValueError, match="no linear layer of the text decoder is named 'qproj'"):
         lora_policy(tiny_vlm_path, make_specs, LORA_TARGET_MODULES="language,qproj")
-    with pytest.raises(UserError, match="name at least one"):
-        make_specs(LORA_RANK=8, LORA_TARGET_MODULES=" , ")
+    for bad in (" , ", "q-proj"):
+        with pytest.raises(UserError, match="expected comma-separated names, at least one"):
+            make_specs(LORA_RANK=8, LORA_TARGET_MODULES=bad)
     with pytest.raises(UserError, match="FREEZE_VISION_TOWER=True with LORA_TARGET_MODULES naming 'vision'"):
         make_specs(LORA_RANK=8, LORA_TARGET_MODULES="language,vision", FREEZE_VISION_TOWER=True)
 
@@ -156,7 +157,8 @@ def test_trainer_checkpoint_holds_peft_adapters_and_the_merge_command(tiny_vlm_p
     assert rows[1]["policy/kl"] == pytest.approx(0, abs=1e-6)  # step 1 samples from the starting model
     assert rows[2]["policy/kl"] > 0  # step 2 from the trained adapters: the reference is the base
     log = open(os.path.join(run_dir, "run_terminal.md")).read()
-    assert "reference: the policy without adapters" in log and "in LoRA adapters" in log
+    assert "generation by a merged torch.float32 copy" in log and "reference: the policy without its adapters" in log
+    assert "M of them in LoRA adapters" in log
     checkpoint = os.path.join(run_dir, "checkpoints", "step_2")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(checkpoint))
     assert not glob.glob(os.path.join(checkpoint, "model*.safetensors"))  # no copy of the frozen base

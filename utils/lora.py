@@ -98,34 +98,20 @@ def sync_merged(policy, rollout):
         modules[name].weight.copy_(merged_weight(layer), non_blocking=True)
 
 
-def adapter_state_dict(policy, state_dict=None):
-    """The adapters' weights, keyed as PEFT saves them, from the policy or from its gathered `state_dict`."""
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(policy, state_dict=state_dict)
-
-
-def write_merged(checkpoint, out, print_fn=print):
+def write_merged(checkpoint, out):
     """Load the base model a LoRA checkpoint was trained from, add its adapters, merge them and save the result
-    (weights, config, processor) to `out`: a folder transformers loads without PEFT."""
+    (weights, config, processor) to `out`: a folder transformers loads without PEFT. Returns the number of merged
+    layers."""
     from utils.model import load_model, load_processor
 
     with open(os.path.join(checkpoint, "adapter_config.json")) as f:
         base_path = json.load(f)["base_model_name_or_path"]
-    model = load_adapters(load_model(base_path, "cpu", torch.float32), checkpoint).merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    policy = load_adapters(load_model(base_path, "cpu", torch.float32), checkpoint)
+    merged = len(lora_layers(policy))
+    policy.merge_and_unload().save_pretrained(out, safe_serialization=True)
     load_processor(checkpoint).save_pretrained(out)
-    print_fn(f"{out}: {base_path} with the adapters of {checkpoint} merged ({len(lora_layers_of(checkpoint))} "
-             f"layers)")
-    return out
-
-
-def lora_layers_of(checkpoint):
-    """The names of the adapted layers in a PEFT checkpoint folder."""
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(checkpoint, "adapter_model.safetensors"), "pt") as f:
-        return sorted({k.rsplit(".lora_", 1)[0] for k in f.keys() if ".lora_A" in k})
+    print(f"{out}: {base_path} with the adapters of {checkpoint} merged into {merged} layers")
+    return merged
 
 
 def main(argv=None):

@@ -122,9 +122,10 @@ class LoraSpec(Spec):
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
     def check(self):
-        if self.enabled and not self.targets():
-            raise UserError(f"LORA_TARGET_MODULES={self.target_modules!r}: name at least one of 'language', "
-                            f"'vision' or a linear layer (e.g. 'q_proj,v_proj')")
+        targets = self.targets()
+        if not targets or not all(t.isidentifier() for t in targets):
+            raise UserError(f"LORA_TARGET_MODULES={self.target_modules!r}: expected comma-separated names, at least "
+                            f"one: 'language', 'vision' or a linear layer's (e.g. 'q_proj,v_proj')")
 
 
 @dataclass(frozen=True)

@@ -237,16 +237,17 @@ def load_models(specs, run, reference):
     policy = load_trainable_model(path, policy_device, m, specs.lora, precision, run.resume)  # LoRA: + adapters
     rollout = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 / merged copy, or itself
     policy = shard_model(policy, precision)  # torchrun: FSDP2 shards (fp32 master weights); one process: as it is
-    ref = None
+    lora, ref = specs.lora.enabled, None
     if reference:  # the starting model; with LoRA the policy without its adapters (no copy)
-        ref = AdaptersOff(policy) if specs.lora.enabled else load_reference_model(
-            path, rollout_device, inference_dtype(precision), m.trust_remote_code)
+        ref = AdaptersOff(policy) if lora else load_reference_model(path, rollout_device, inference_dtype(precision),
+                                                                   m.trust_remote_code)
     image_token_id = policy.config.image_token_id if specs.attention.metrics else None
-    run.print(f"policy on {policy_device} in {precision}, generation by "
-              f"{'the policy' if rollout is policy else f'a {inference_dtype(precision)} copy on {rollout_device}'}, "
-              f"reference: {'none' if ref is None else 'the policy without adapters' if specs.lora.enabled else 'yes'}, "
-              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters"
-              f"{f', {sum(p.numel() for p in trainable(policy)) / 1e6:.3f}M in LoRA adapters' if specs.lora.enabled else ''}")
+    generator = "the policy" if rollout is policy else \
+        f"a {'merged ' if lora else ''}{inference_dtype(precision)} copy on {rollout_device}"
+    described = "none" if ref is None else "the policy without its adapters" if lora else "yes"
+    adapters = f", {sum(p.numel() for p in trainable(policy)) / 1e6:.3f}M of them in LoRA adapters" if lora else ""
+    run.print(f"policy on {policy_device} in {precision}, generation by {generator}, reference: {described}, "
+              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters{adapters}")
     passes = Passes(specs.rollout.temperature, precision, image_token_id)
     return Models(policy, rollout, ref, processor, precision, path, policy_device,
                   suppressed_token_ids(processor.tokenizer), passes,
