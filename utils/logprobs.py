@@ -4,7 +4,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from utils import flops, layout
 from utils.attention import BucketMasses
@@ -97,8 +96,8 @@ def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_en
     The logits are fp32 (hidden and lm_head weight cast to fp32, autocast off): a bf16 LM head makes training and
     sampling probabilities disagree (MiniMax-M1). They are never held whole ([b, L, vocab] fp32 is 20 GB for 8 x
     4,096 tokens of Qwen's 151,936-token vocabulary): the sequence is cut into chunks whose logits stay under
-    budget_bytes; with gradients each chunk is checkpointed (only its hidden states are saved, its logits are
-    recomputed in backward, one chunk at a time).
+    budget_bytes, and with gradients the backward recomputes each chunk's logits and adds its share of the lm_head
+    weight's gradient into one buffer (ChunkedLogprobs).
     """
     hidden = hidden[:, :-1]  # [b, L, H]; position t predicts token t
     completion_ids = completion_ids.to(hidden.device)
@@ -107,27 +106,76 @@ def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_en
     bias = None if head.bias is None else head.bias.float()
     b, L, _ = hidden.shape
     chunk = max(1, budget_bytes // (b * weight.shape[0] * 4))  # tokens per chunk
-
-    def chunk_logprobs(h, ids, weight, bias):  # h [b, c, H], ids [b, c] -> logp [b, c], entropy [b, c]
-        with torch.autocast(h.device.type, enabled=False):
-            log_probs = torch.log_softmax(torch.nn.functional.linear(h.float(), weight, bias) / temperature, -1)
-            logp = log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-            entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else torch.zeros_like(logp)
-        return logp, entropy
-
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.set_grad_enabled(with_grad):
         flops.count_logits(model, b * L, checkpointed=True)  # with gradients, each chunk's logits run twice
-    parts = []
-    for start in range(0, L, chunk):
-        h, ids = hidden[:, start : start + chunk], completion_ids[:, start : start + chunk]
-        if with_grad:
-            parts.append(checkpoint(chunk_logprobs, h, ids, weight, bias, use_reentrant=False))
-        else:
-            parts.append(chunk_logprobs(h, ids, weight, bias))
-    logp = torch.cat([p[0] for p in parts], 1)
-    entropy = torch.cat([p[1] for p in parts], 1) if with_entropy else None
-    return logp, entropy
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, entropy = ChunkedLogprobs.apply(hidden, weight, bias, completion_ids, temperature, chunk, with_entropy)
+    return logp, entropy if with_entropy else None
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """log_softmax(h·Wᵀ + b)/T gathered at the tokens, and the entropy, a chunk of positions at a time, in fp32.
+
+    Forward keeps no logits. Backward recomputes the log-probs of half a chunk at a time and turns them in place into
+    the logits' gradient, g·(onehot − p) from the log-probs and −g_H·p·(log p + H) from the entropy (/T), then adds
+    that part's share of the weight's gradient into one [V, H] buffer: memory beyond the weight's gradient stays at
+    about one chunk of logits. (Autograd summing a gradient per checkpointed chunk held up to three copies of it: 6.1 GiB for
+    Qwen2.5-VL-7B's lm_head, benchmarks/logprob_memory.py.)"""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, temperature, chunk, with_entropy):
+        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)  # an entropy left out of the loss gets no gradient (None), and no work
+        logp, entropy = [], []
+        for start in range(0, hidden.shape[1], chunk):
+            log_probs = _chunk_log_probs(hidden[:, start : start + chunk], weight, bias, temperature)
+            logp.append(log_probs.gather(-1, ids[:, start : start + chunk].unsqueeze(-1)).squeeze(-1))
+            entropy.append(_entropy(log_probs) if with_entropy else torch.zeros_like(logp[-1]))
+            del log_probs
+        return torch.cat(logp, 1), torch.cat(entropy, 1)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, ids = ctx.saved_tensors
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_bias = torch.zeros_like(bias) if want_bias else None
+        chunk = max(1, ctx.chunk // 2)  # half the forward's: the entropy's gradient holds two [b, c, V] tensors
+        for start in range(0, hidden.shape[1], chunk):
+            part = slice(start, start + chunk)
+            h = hidden[:, part].float()
+            log_probs = _chunk_log_probs(h, weight, bias, ctx.temperature)  # [b, c, V]
+            g = grad_logp[:, part].unsqueeze(-1) if grad_logp is not None else torch.zeros_like(log_probs[..., :1])
+            if grad_entropy is not None:  # d/dz of (g·log p_y + g_H·H) = g·onehot − p·(g + g_H·(log p + H))
+                g_h = grad_entropy[:, part].unsqueeze(-1)
+                coef = log_probs.add(_entropy(log_probs).unsqueeze(-1)).mul_(g_h).add_(g)
+                grad_logits = log_probs.exp_().mul_(coef).neg_()
+                del coef
+            else:  # g·onehot − p·g
+                grad_logits = log_probs.exp_().mul_(-g)
+            grad_logits.scatter_add_(-1, ids[:, part].unsqueeze(-1), g).div_(ctx.temperature)
+            if want_hidden:
+                grad_hidden[:, part] = (grad_logits @ weight).to(hidden.dtype)
+            if want_weight:
+                grad_weight.addmm_(grad_logits.flatten(0, 1).T, h.flatten(0, 1))
+            if want_bias:
+                grad_bias.add_(grad_logits.sum((0, 1)))
+            del grad_logits, log_probs
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _chunk_log_probs(h, weight, bias, temperature):
+    """fp32 log-softmax of one chunk's logits / temperature, [b, c, V]."""
+    return torch.log_softmax(torch.nn.functional.linear(h.float(), weight, bias).div_(temperature), -1)
+
+
+def _entropy(log_probs):
+    """−Σ p·log p over the last dimension, as a batched dot product (no [b, c, V] temporary but exp)."""
+    p = log_probs.exp()
+    return -torch.linalg.vecdot(p, log_probs)
 
 
 def completion_logprobs(model, prompt_inputs, completion_ids, completion_mask, temperature=1.0, with_entropy=False):
