@@ -376,7 +376,7 @@ def fsdp_plan(args):
             act = (layers * text_tokens * 4 * h + VISION["depth"] * vision_patches * 2 * VISION["hidden_size"]
                    + max(text_tokens * TEXT_SAVED_PER_TOKEN_LAYER * scale,
                          vision_patches * VISION_SAVED_PER_PATCH_BLOCK))
-            logits = 4 * LOGITS_BUDGET_BYTES + 2 * 4 * t["vocab_size"] * h
+            logits = 2 * LOGITS_BUDGET_BYTES  # chunk temporaries (the lm_head gradient is one buffer, in the states)
             copy = 2 * n  # each rank's whole bf16 generation copy
             kv_cache = per_rank * seq * layers * 2 * kv * 128 * 2
             dapo = states + gathered + act + logits + copy + kv_cache
@@ -410,7 +410,7 @@ def plan(args):
         ckpt = (layers * text_tokens * 4 * h + VISION["depth"] * vision_patches * 2 * VISION["hidden_size"]
                 + max(2 * n, text_tokens * TEXT_SAVED_PER_TOKEN_LAYER * scale,  # forward: autocast's weight
                       vision_patches * VISION_SAVED_PER_PATCH_BLOCK))  # copies; backward: one layer recomputed
-        logits = 4 * LOGITS_BUDGET_BYTES + 2 * 4 * t["vocab_size"] * h  # chunk temporaries + 2 lm_head grad copies
+        logits = 2 * LOGITS_BUDGET_BYTES  # chunk temporaries; the lm_head gradient is one buffer, among the gradients
         kv_cache = n_seq * seq * layers * 2 * kv * 128 * 2  # generation: K and V, bf16, head_dim 128
         rows[preset] = dict(n=n, n_vision=n_vision, weights=4 * n, grads=4 * n, adam=8 * n, rollout=2 * n,
                             reference=2 * n, kv=kv_cache, act=no_ckpt, act_ckpt=ckpt, logits=logits)
@@ -420,7 +420,7 @@ def plan(args):
              ("generation KV cache, bf16 (GPU 1)", "kv"),
              (f"activations, micro-batch {mb}, no checkpointing (GPU 0)", "act"),
              (f"activations, micro-batch {mb}, gradient checkpointing (GPU 0)", "act_ckpt"),
-             ("chunked fp32 log-probs + lm_head grad copies (GPU 0)", "logits")]
+             ("chunked fp32 log-probs (GPU 0)", "logits")]
     print(f"| {'':<62} | {'3B':>14} | {'7B':>14} |\n|{'-' * 64}|{'-' * 16}:|{'-' * 16}:|")
     for label, key in names:
         if key is None:

@@ -1,5 +1,5 @@
-"""logprobs_from_hidden in chunks (checkpointed under grad) equals the whole-sequence computation, and its logits
-are fp32 under bf16 autocast."""
+"""logprobs_from_hidden in chunks (ChunkedLogprobs: the backward recomputes them) equals the whole-sequence
+computation, gradients included, and its logits are fp32 under bf16 autocast."""
 
 import types
 
@@ -27,10 +27,13 @@ def reference(model, hidden, ids):
 
 
 def loss_and_grads(model, logp, entropy, hidden):
+    """Gradients of a weighted sum of the log-probs and, unless entropy is None, of the entropies."""
     torch.manual_seed(1)
-    loss = (logp * torch.randn_like(logp)).sum() + (entropy * torch.randn_like(entropy)).sum()
+    loss = (logp * torch.randn_like(logp)).sum()
+    if entropy is not None:
+        loss = loss + (entropy * torch.randn_like(entropy)).sum()
     params = [hidden, model.lm_head.weight] + ([model.lm_head.bias] if model.lm_head.bias is not None else [])
-    return torch.autograd.grad(loss, params)
+    return torch.autograd.grad(loss, params, retain_graph=True)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -49,6 +52,9 @@ def test_chunked_logprobs_entropy_and_gradients_equal_unchunked(bias):
                      loss_and_grads(model, ref_logp, ref_entropy, hidden)):
         for g, e in zip(grads, expected):
             assert torch.allclose(g, e, atol=1e-6)
+    logp_only = loss_and_grads(model, logp, None, hidden)  # the entropy outside the loss: no gradient from it
+    for g, e in zip(logp_only, loss_and_grads(model, ref_logp, None, hidden)):
+        assert torch.allclose(g, e, atol=1e-6)
     with torch.no_grad():
         no_grad_logp, no_entropy = logprobs_from_hidden(model, hidden, ids, TEMPERATURE, budget_bytes=budget)
     assert no_entropy is None and torch.allclose(no_grad_logp, ref_logp, atol=1e-6)
