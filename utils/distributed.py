@@ -310,8 +310,8 @@ def shard_model(model, precision):
     root: its hooks run on that call, and a root keeps its parameters gathered from its forward to the end of the
     backward, which is when lm_head runs. (`model(...)`, e.g. generate(), works too.)
     Sharded parameters, gradients and so AdamW state stay fp32 (a LoRA policy's frozen base stays as loaded);
-    precision "bf16-mixed" computes in bf16 and reduces gradients in fp32. Gradients are summed over ranks (not averaged): policy_update divides the loss by
-    global counts. In one process the model is returned as it is.
+    precision "bf16-mixed" computes in bf16 and reduces gradients in fp32. Gradients are summed over ranks (not
+    averaged): policy_update divides the loss by global counts. In one process the model is returned as it is.
     """
     if not is_distributed():
         return model

@@ -115,13 +115,13 @@ def logprobs_from_hidden(model, hidden, completion_ids, temperature=1.0, with_en
 
 
 class ChunkedLogprobs(torch.autograd.Function):
-    """log_softmax(h·Wᵀ + b)/T gathered at the tokens, and the entropy, a chunk of positions at a time, in fp32.
+    """log_softmax((h·Wᵀ + b) / T) gathered at the tokens, and the entropy, a chunk of positions at a time, in fp32.
 
     Forward keeps no logits. Backward recomputes the log-probs of half a chunk at a time and turns them in place into
     the logits' gradient, g·(onehot − p) from the log-probs and −g_H·p·(log p + H) from the entropy (/T), then adds
     that part's share of the weight's gradient into one [V, H] buffer: memory beyond the weight's gradient stays at
-    about one chunk of logits. (Autograd summing a gradient per checkpointed chunk held up to three copies of it: 6.1 GiB for
-    Qwen2.5-VL-7B's lm_head, benchmarks/logprob_memory.py.)"""
+    about one chunk of logits. (Autograd summing a gradient per checkpointed chunk held up to three copies of it:
+    6.1 GiB for Qwen2.5-VL-7B's lm_head, benchmarks/logprob_memory.py.)"""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, temperature, chunk, with_entropy):

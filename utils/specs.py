@@ -1,8 +1,8 @@
 """The trainers' constants as small frozen specs, each value checked beside the field it fills.
 
 A trainer's UPPER_CASE constants (with their `--KEY=value` overrides) are the interface; `build_specs(config)` turns
-them into one `Specs`: a spec per block of constants (model, data, evaluation, rollout, rewards, loss, attention,
-optimisation, run, and PPO's critic). Each field names its constant and its domain (type, choices, bounds); the check runs when
+them into one `Specs`: a spec per block of constants (model, LoRA, data, evaluation, rollout, rewards, loss,
+attention, optimisation, run, and PPO's critic). Each field names its constant and its domain (type, choices, bounds); the check runs when
 the spec is built, so a value outside its domain is one error naming the constant, the value and the domain,
 before anything heavy is loaded. Relations between constants are checked in `check()` of the spec that holds them,
 or in `build_specs` when they span specs.
@@ -392,8 +392,8 @@ class Specs:
     critic: CriticSpec | None = None
 
 
-SPEC_CLASSES = {"model": ModelSpec, "lora": LoraSpec, "data": DataSpec, "eval": EvalSpec, "rollout": RolloutSpec, "rewards": RewardSpec,
-                "loss": LossSpec, "attention": AttentionSpec, "optim": OptimSpec, "run": RunSpec}
+SPEC_CLASSES = {"model": ModelSpec, "lora": LoraSpec, "data": DataSpec, "eval": EvalSpec, "rollout": RolloutSpec,
+                "rewards": RewardSpec, "loss": LossSpec, "attention": AttentionSpec, "optim": OptimSpec, "run": RunSpec}
 
 
 def build_specs(config):
