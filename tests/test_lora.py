@@ -155,7 +155,8 @@ def test_trainer_checkpoint_holds_peft_adapters_and_the_merge_command(tiny_vlm_p
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert json.load(open(os.path.join(run_dir, "config.json")))["KL_BETA"] > 0
     assert rows[1]["policy/kl"] == pytest.approx(0, abs=1e-6)  # step 1 samples from the starting model
-    assert rows[2]["policy/kl"] > 0  # step 2 from the trained adapters: the reference is the base
+    moved = rows[1]["policy/advantage_abs_mean"] > 0  # (unless every group of step 1 happened to be flat)
+    assert rows[2]["policy/kl"] > 0 or not moved  # step 2 from the trained adapters: the reference is the base
     log = open(os.path.join(run_dir, "run_terminal.md")).read()
     assert "generation by a merged torch.float32 copy" in log and "reference: the policy without its adapters" in log
     assert "M of them in LoRA adapters" in log
@@ -174,7 +175,8 @@ def test_trainer_checkpoint_holds_peft_adapters_and_the_merge_command(tiny_vlm_p
     got, want = batched_logprobs(merged, batch, 4)[0], batched_logprobs(peft_model, batch, 4)[0]
     assert (got - want).abs().max() < 1e-4
     base = load_model(tiny_vlm_path, "cpu", torch.float32)
-    assert (batched_logprobs(base, batch, 4)[0] - want).abs().max() > 1e-4  # the adapters trained
+    trained = any(r["policy/advantage_abs_mean"] > 0 for r in rows[1:])
+    assert (batched_logprobs(base, batch, 4)[0] - want).abs().max() > 1e-4 or not trained  # the adapters trained
     refused = subprocess.run([sys.executable, "-m", "utils.lora", tiny_vlm_path, str(tmp_path / "x")], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "not the checkpoint of a LoRA run" in refused.stderr
@@ -187,13 +189,15 @@ def test_trainers_train_adapters(tiny_vlm_path, tmp_path, script, extra):
     run_dir = run_trainer(script, tmp_path / "runs", "--LORA_RANK=4", "--PLOT_EVERY=0", "--SAVE_EVERY=1", *extra)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     trained = [r for r in rows[1:] if r.get("policy/updates")]
-    assert trained and all(r["policy/skipped_updates"] == 0 and r["policy/grad_norm"] > 0 for r in trained)
+    assert trained and all(r["policy/skipped_updates"] == 0 for r in trained)
+    assert all(r["policy/grad_norm"] > 0 for r in trained if r["policy/advantage_abs_mean"] > 0)
     from safetensors.torch import load_file
 
     first, second = (load_file(os.path.join(run_dir, "checkpoints", f"step_{s}", "adapter_model.safetensors"))
                      for s in (1, 2))
     assert set(first) == set(second) and all(w.dtype == torch.float32 for w in second.values())
-    assert any(not torch.equal(first[k], second[k]) for k in first)  # the adapters trained in step 2
+    if rows[2].get("policy/advantage_abs_mean", 0) > 0:  # (a step whose groups are all flat has no gradient)
+        assert any(not torch.equal(first[k], second[k]) for k in first)  # the adapters trained in step 2
 
 
 def test_gpu_check_without_a_gpu_says_so_and_its_commands_are_valid(make_specs, capsys):

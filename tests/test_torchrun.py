@@ -96,7 +96,8 @@ def test_two_ranks_train_lora_adapters_and_resume_exactly(tiny_vlm_path, tmp_pat
     adapters = [load_file(os.path.join(run_dir, "checkpoints", f"step_{s}", "adapter_model.safetensors"))
                 for s in (1, 3)]
     assert adapters[0] and all(".lora_" in k for k in adapters[0])
-    assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # trained in steps 2-3
+    if any(r["policy/advantage_abs_mean"] > 0 for r in rows[2:]):  # (unless every group of steps 2-3 was flat)
+        assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # trained in steps 2-3
     torchrun("dapo.py", tmp_path / "runs", *lora, f"--RESUME={os.path.join(run_dir, 'checkpoints', 'step_1')}")
     untimed = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}  # noqa: E731
     assert [untimed(r) for r in metrics_rows(run_dir)] == [untimed(r) for r in rows]
