@@ -12,20 +12,19 @@ is such a policy seen as its base model (the reference of the KL terms: the star
 """
 
 import contextlib
+import sys
 
 
 def unwrapped(model):
     """The transformers model itself: `model`, or the model a PEFT wrapper holds."""
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return model.get_base_model() if is_lora(model) else model
 
 
 def is_lora(model):
-    """Whether `model` is a PEFT-wrapped (LoRA) policy."""
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    """Whether `model` is a PEFT-wrapped (LoRA) policy. PEFT is not imported for this (a full fine-tuning run never
+    loads it, ~3 s): a model can only be PEFT's if PEFT was imported."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _backbone_of(module):
