@@ -47,6 +47,7 @@ MIN_PIXELS = 0  # fewest pixels per image after resizing; 0 = the processor's ow
 MAX_PIXELS = 0  # most pixels per image after resizing; 0 = the processor's own, at most 1280 visual tokens (1280·28·28)
 CPU_THREADS = 2  # torch threads on CPU; 0 = torch's default. Use 1 when another job shares the cores
 GRADIENT_CHECKPOINTING = False  # bool; trade compute for memory on large models
+OFFLOAD_OPTIMIZER = False  # bool; torchrun: sharded weights, gradients and AdamW state in CPU memory
 FREEZE_VISION_TOWER = False  # bool; train only the language model (and the vision-language merger)
 LORA_RANK = 0  # r of the LoRA adapters (PEFT) that train instead of the weights; 0 = full fine-tuning
 LORA_ALPHA = 32.0  # LoRA scale: an adapter adds (LORA_ALPHA / LORA_RANK)·B·A to its layer's weight

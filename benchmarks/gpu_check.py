@@ -8,7 +8,9 @@ H100-class GPU), paste what it prints into the README's GPU figures, naming the 
    1,280-visual-token image, 512 new tokens, gradient checkpointing), full fine-tuning and LoRA rank 64, with its
    peak memory per part, next to the plan's estimate for the same shape (`real_shape.py --plan`).
 2. Generation speed at that shape: the step's generated tokens per second (8 x 8 completions of 512 new tokens).
-3. `torchrun --nproc_per_node=<GPUs>` of dapo.py for 2 steps on NCCL (the tiny VLM).
+3. `torchrun --nproc_per_node=<GPUs>` of dapo.py for 2 steps on NCCL (the tiny VLM); with 2 or more GPUs again with
+   OFFLOAD_OPTIMIZER=True (the shards in CPU memory: the gradient norm's collectives on gloo, the generation copy's
+   refresh gathering through NCCL).
 4. 20 steps of the default tiny DAPO run on the GPU, and its held-out accuracy.
 
 Each check runs in its own process with a time limit; the script exits 1 when any failed. Without a GPU it says so
@@ -43,6 +45,11 @@ def commands(n_gpus, workdir):
         (f"torchrun, {n_gpus} GPU(s), NCCL", [torchrun, "--standalone", f"--nproc_per_node={n_gpus}",
                                               os.path.join(ROOT, "dapo.py"), "--TOTAL_STEPS=2", "--EVAL_EVERY=2",
                                               f"--RUNS_DIR={os.path.join(workdir, 'torchrun')}", *short], 90),
+        *([(f"torchrun, {n_gpus} GPUs, OFFLOAD_OPTIMIZER", [torchrun, "--standalone", f"--nproc_per_node={n_gpus}",
+                                                              os.path.join(ROOT, "dapo.py"), "--TOTAL_STEPS=2",
+                                                              "--EVAL_EVERY=2", "--OFFLOAD_OPTIMIZER=True",
+                                                              f"--RUNS_DIR={os.path.join(workdir, 'offload')}",
+                                                              *short], 90)] if n_gpus >= 2 else []),
         (f"tiny DAPO, {TINY_STEPS} steps on the GPU", [python, os.path.join(ROOT, "dapo.py"),
                                                        f"--TOTAL_STEPS={TINY_STEPS}", "--EVAL_EVERY=20",
                                                        "--POLICY_DEVICE=cuda:0", "--ROLLOUT_DEVICE=cuda:0",

@@ -219,10 +219,17 @@ def table(args):
             cells = [weights, grads, adam, act, vision, copy, kv]
             print(f"| {model.upper()} | {setting} | " + " | ".join(f"{c / GiB:.1f}" for c in cells)
                   + f" | **{max(update, generation) / GiB:.1f}** |", flush=True)
+            if ranks > 1 and not lora_rank and checkpointing == "on":  # OFFLOAD_OPTIMIZER: an upper bound
+                offloaded = max(update - weights - adam, copy + kv)
+                cells = ["CPU", f"≤ {grads / GiB:.1f}", "CPU"] + [f"{c / GiB:.1f}" for c in (act, vision, copy, kv)]
+                print(f"| {model.upper()} | {setting.split(' (')[0]}, OFFLOAD_OPTIMIZER | " + " | ".join(cells)
+                      + f" | **≤ {offloaded / GiB:.1f}** |", flush=True)
     print("weights, gradients, AdamW: counted from the model's (sharded) parameters; text act. + temp.: measured, at "
           "the update's peak. Peak per GPU = the larger of the update (the measured peak + the vision activations + "
-          "the generation copy) and generation (weights + AdamW state + generation copy + KV cache). An 80 GB GPU "
-          "holds ~74.5 GiB.")
+          "the generation copy) and generation (weights + AdamW state + generation copy + KV cache). OFFLOAD_OPTIMIZER: "
+          "the sharded weights and AdamW state live in CPU memory, so the update's peak less them; the gradient "
+          "shards go to CPU memory unit by unit as the backward reduces them, but are still counted (an upper "
+          "bound). An 80 GB GPU holds ~74.5 GiB.")
 
 
 if __name__ == "__main__":

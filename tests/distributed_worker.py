@@ -51,10 +51,11 @@ def parity_logp_old(case):
     return "logp_old" if case in ("token", "sample", "constant") else "logp_old_perturbed"
 
 
-def sharded_sgd_step(path, batch, targets, overrides, micro_batch_size, precision="fp32", optimizer="sgd"):
+def sharded_sgd_step(path, batch, targets, overrides, micro_batch_size, precision="fp32", optimizer="sgd",
+                     offload=False):
     """One policy_update of a freshly loaded, FSDP2-sharded policy on this rank's rows (SGD lr 1: the parameter
     change is minus the gradient), with dapo.py's constants and `overrides`. Returns (model, stats)."""
-    model = shard_model(load_model(path, "cpu", torch.float32), precision)
+    model = shard_model(load_model(path, "cpu", torch.float32), precision, offload)
     opt = (torch.optim.SGD(model.parameters(), lr=1.0) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-3))
     specs = update_specs(MICRO_BATCH_SIZE=micro_batch_size, **overrides)
@@ -104,6 +105,22 @@ def parity(world, out, inputs):
         dtypes = {str(p.dtype) for p in model.parameters()}
         torch.save({"moved": moved, "stats": stats, "dtypes": dtypes},
                    os.path.join(out, "bf16.pt"))
+
+
+def offload(world, out, inputs):
+    """OFFLOAD_OPTIMIZER: an AdamW step with the gradient clipped (MAX_GRAD_NORM 0.05) on offloaded shards, and the
+    generation copy refreshed from them."""
+    rows = inputs["rows"][world.rank]
+    model, stats = sharded_sgd_step(inputs["path"], select_rows(inputs["batch"], rows), rank_targets(inputs, rows),
+                                    {"MAX_GRAD_NORM": 0.05}, micro_batch_size=2, optimizer="adamw", offload=True)
+    state = gather_full_state_dict(model)
+    copy = load_model(inputs["path"], "cpu", torch.float32)
+    sync_rollout_model(model, copy)
+    fsdp_params = [p for m in model.modules() if hasattr(m, "_get_fsdp_state")
+                   for group in [m._get_fsdp_state()._fsdp_param_group] if group for p in group.fsdp_params]
+    if world.is_main:
+        torch.save({"state": state, "stats": stats, "copy": copy.state_dict(),
+                    "offloaded": [p.offload_to_cpu for p in fsdp_params]}, os.path.join(out, "offload.pt"))
 
 
 def lora_model(path, precision="fp32"):
@@ -204,6 +221,7 @@ if __name__ == "__main__":
     folder = sys.argv[1]
     inputs = torch.load(os.path.join(folder, "inputs.pt"), weights_only=False)
     parity(world, folder, inputs)
+    offload(world, folder, inputs)
     lora(world, folder, inputs)
     gathering(world, folder)
     dynamic_sampling(world, folder, inputs)

@@ -121,7 +121,8 @@ def test_wrong_types_are_errors(arg):
                                           ("--QUESTION_KINDS=['count','size']", "QUESTION_KINDS"),
                                           ("--PRECISION=bf16", "'auto' | 'bf16-mixed' | 'fp32'"),
                                           ("--POLICY_LOSS=ppo2", "POLICY_LOSS='ppo2': expected 'clip' | 'gspo'"),
-                                          ("--POLICY_DEVICE=gpu", "POLICY_DEVICE='gpu': expected 'auto', 'cpu'")])
+                                          ("--POLICY_DEVICE=gpu", "POLICY_DEVICE='gpu': expected 'auto', 'cpu'"),
+                                          ("--OFFLOAD_OPTIMIZER=True", "OFFLOAD_OPTIMIZER=True .* torchrun and 2")])
 def test_values_outside_the_allowed_ones_are_errors(arg, message):
     cfg = apply_overrides(constants_of(vars(dapo)), arg.split(" "))
     with pytest.raises(UserError, match=message):

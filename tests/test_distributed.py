@@ -132,6 +132,23 @@ def test_bf16_mixed_precision_trains_every_parameter_with_fp32_master_weights(to
     assert torch.isfinite(torch.tensor([got["stats"]["loss"], got["stats"]["grad_norm"]])).all()
 
 
+def test_offloaded_shards_take_the_clipped_adamw_step_of_one_process(torchrun_results, make_specs):
+    """OFFLOAD_OPTIMIZER (FSDP2's CPUOffloadPolicy): every FSDP parameter is offloaded; the AdamW step, its gradient
+    clipped on the global norm, equals one process's; the generation copy refreshes from the offloaded shards."""
+    folder, inputs = torchrun_results
+    got = torch.load(folder / "offload.pt", weights_only=False)
+    assert got["offloaded"] and all(got["offloaded"])
+    model = load_model(inputs["path"], "cpu", torch.float32)
+    specs = make_specs(MICRO_BATCH_SIZE=len(inputs["batch"]), MAX_GRAD_NORM=0.05)
+    targets = Targets(inputs["advantages"], inputs["batch"].completion_mask.float(), inputs["logp_old"])
+    stats = policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-3), inputs["batch"], targets,
+                          specs.loss, specs.optim, warn=lambda *_: None)
+    assert stats["grad_norm"] > 0.05  # the clipping bit
+    assert got["stats"]["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-5)
+    assert max_difference(got["state"], model.state_dict()) < 1e-5
+    assert max_difference(got["copy"], got["state"]) == 0
+
+
 def test_lora_adapters_step_like_one_process_and_refresh_the_merged_copy(torchrun_results, make_specs):
     """LoRA under FSDP2: the adapters' step on 2 ranks equals one process's on the whole batch; only the adapters are
     gathered for the checkpoint; the generation copy holds W + (α/r)·B·A of the trained adapters."""

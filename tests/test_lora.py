@@ -201,9 +201,10 @@ def test_trainers_train_adapters(tiny_vlm_path, tmp_path, script, extra):
         assert any(not torch.equal(first[k], second[k]) for k in first)  # the adapters trained in step 2
 
 
-def test_gpu_check_without_a_gpu_says_so_and_its_commands_are_valid(make_specs, capsys):
+def test_gpu_check_without_a_gpu_says_so_and_its_commands_are_valid(make_specs, capsys, monkeypatch):
     """benchmarks/gpu_check.py: on this CPU machine it exits 0 with one line; the trainer overrides of its checks are
-    constants dapo.py accepts, and its memory-plan check runs (the other checks need the GPU)."""
+    constants dapo.py accepts (OFFLOAD_OPTIMIZER's under torchrun), and its memory-plan check runs (the other checks
+    need the GPU). The offload check runs with 2 GPUs or more."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gpu_check
 
@@ -211,12 +212,15 @@ def test_gpu_check_without_a_gpu_says_so_and_its_commands_are_valid(make_specs, 
         pytest.skip("a GPU is present: run benchmarks/gpu_check.py itself")
     assert gpu_check.main([]) == 0
     assert "torch sees no GPU on this machine" in capsys.readouterr().out
+    assert len(gpu_check.commands(1, "/tmp/workdir")) == 5
     checks = gpu_check.commands(2, "/tmp/workdir")
-    assert len(checks) == 5 and all(limit > 0 for _, _, limit in checks)
+    assert len(checks) == 6 and all(limit > 0 for _, _, limit in checks)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
+    value = lambda v: json.loads(v.lower()) if v[:1].isdigit() or v in ("True", "False") else v  # noqa: E731
     for name, command, _ in checks:
         overrides = [a[2:].split("=", 1) for a in command if a.startswith("--") and a[2:3].isupper()]
         if overrides:  # a trainer run: every override names a constant with a valid value (the GPU's: here the CPU)
-            make_specs(**{k: json.loads(v) if v[:1].isdigit() else v.replace("cuda:0", "cpu") for k, v in overrides})
+            make_specs(**{k: value(v.replace("cuda:0", "cpu")) for k, v in overrides})
         if "--plan" in command:
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0 and "one GPU, DAPO, gradient checkpointing" in done.stdout, done.stderr

@@ -4,6 +4,7 @@ by rank 0, global metrics, a consolidated checkpoint that transformers loads, an
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,5 +100,19 @@ def test_two_ranks_train_lora_adapters_and_resume_exactly(tiny_vlm_path, tmp_pat
     if any(r["policy/advantage_abs_mean"] > 0 for r in rows[2:]):  # (unless every group of steps 2-3 was flat)
         assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # trained in steps 2-3
     torchrun("dapo.py", tmp_path / "runs", *lora, f"--RESUME={os.path.join(run_dir, 'checkpoints', 'step_1')}")
+    untimed = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}  # noqa: E731
+    assert [untimed(r) for r in metrics_rows(run_dir)] == [untimed(r) for r in rows]
+
+
+def test_offloaded_optimizer_state_trains_and_resumes_exactly(tmp_path):
+    """OFFLOAD_OPTIMIZER=True (FSDP2's CPUOffloadPolicy): dapo.py trains with its shards and AdamW state in CPU
+    memory, and steps 2 and 3 resumed from step 1 (the AdamW shards loaded into offloaded parameters) give the same
+    numbers. That an offloaded step equals one process's: tests/test_distributed.py."""
+    offload = ["--OFFLOAD_OPTIMIZER=True", "--DYNAMIC_SAMPLING=False"]
+    run_dir, stdout = torchrun("dapo.py", tmp_path / "runs", *offload)
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and re.search(r"OFFLOAD_OPTIMIZER +=  *true", stdout)
+    assert all(r["policy/updates"] == 1 and r["policy/skipped_updates"] == 0 for r in rows[1:])
+    torchrun("dapo.py", tmp_path / "runs", *offload, f"--RESUME={os.path.join(run_dir, 'checkpoints', 'step_1')}")
     untimed = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}  # noqa: E731
     assert [untimed(r) for r in metrics_rows(run_dir)] == [untimed(r) for r in rows]

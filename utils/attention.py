@@ -26,6 +26,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from utils.distributed import compute_device
+
 BUCKETS = ("sink", "vision", "text", "completion")
 NAME = "sdpa_bucket_masses"
 _active = []  # the BucketMasses collecting right now (at most one)
@@ -112,7 +114,7 @@ class BucketMasses:
         ids = torch.cat([prompt_inputs["input_ids"], torch.zeros_like(completion_mask)], 1)
         mask = torch.cat([prompt_inputs["attention_mask"], completion_mask], 1)
         prompt_length = prompt_inputs["input_ids"].shape[1]
-        device = next(model.parameters()).device
+        device = compute_device(model)
         self.buckets = key_buckets(ids, mask, prompt_length, image_token_id).to(device)  # [B, T, 4]
         self.first_row = prompt_length - 1  # query row first_row + t predicts completion token t
         self.row_mask = completion_mask.to(device).float()  # [B, L]

@@ -68,4 +68,4 @@ def build_critic(specs, models):
         body = layout.backbone(load_trainable_model(models.path, models.policy_device, specs.model, specs.lora,
                                                     models.precision))  # LoRA: its own adapters
     critic = Critic(body, layout.hidden_size(models.policy), specs.critic).to(models.policy_device).train()
-    return shard_critic(critic, models.policy, models.precision)  # torchrun: its head (and a separate backbone)
+    return shard_critic(critic, models.policy, models.precision, specs.model.offload_optimizer)  # torchrun

@@ -10,6 +10,7 @@ What the trainers call (each the identity, or a no-op, in a process not launched
 runs exactly as before):
 * `init_distributed` / `close_distributed`: join and leave the process group; the rank's device;
 * `shard_model`, `shard_critic`: FSDP2 units, fp32 sharded parameters and AdamW state, bf16 compute if mixed;
+  with `offload` (OFFLOAD_OPTIMIZER) those sharded states live in CPU memory and AdamW steps on the CPU;
 * `rank_sampling` (used by utils.rollout.sample_step): each rank's share of every draw of prompts, and dynamic
   sampling's refill rounds stopped on the *global* count of informative groups;
 * `rank_rows`, `gather_rows`, `all_reduce_sum`, `all_reduce_max`: the metrics of the whole global batch, exactly;
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from utils import layout
@@ -47,17 +48,19 @@ class World:
         return self.rank == 0
 
 
-def init_distributed():
+def init_distributed(cpu_collectives=False):
     """Join the process group that torchrun set up (RANK / WORLD_SIZE / LOCAL_RANK in the environment): NCCL
-    with one GPU per rank when there are GPUs, gloo on the CPU otherwise. Without torchrun: World() and no
-    process group."""
+    with one GPU per rank when there are GPUs, gloo on the CPU otherwise. `cpu_collectives` (the optimizer
+    offload) adds gloo next to NCCL for the collectives on CPU tensors: clip_grad_norm_'s over offloaded
+    gradients. Without torchrun: World() and no process group."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+            dist.init_process_group("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl",
+                                    device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo")
     return current_world()
@@ -68,7 +71,7 @@ def current_world():
     if not (dist.is_available() and dist.is_initialized()):
         return World()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if _on_gpus() else torch.device("cpu")
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -110,9 +113,13 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _on_gpus():
+    return "nccl" in dist.get_backend()  # "nccl", or "cuda:nccl,cpu:gloo" with cpu_collectives
+
+
 def _comm_device():
     """Device of the small tensors the reductions exchange: NCCL needs them on the rank's GPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if _on_gpus() else torch.device("cpu")
 
 
 def _all_reduce(value, op):
@@ -275,9 +282,13 @@ def replay_slots(n_fresh, n_stored, n_groups):
 # ── The sharded policy ────────────────────────────────────────────────────────────────────────────────────
 
 
-def _fsdp_kwargs(precision):
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return {"mp_policy": mixed} if precision == "bf16-mixed" else {}
+def _fsdp_kwargs(precision, offload=False):
+    kwargs = {}
+    if precision == "bf16-mixed":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:  # pinned host memory, for asynchronous copies to and from the GPU
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    return kwargs
 
 
 def _sum_gradients(module):
@@ -287,10 +298,10 @@ def _sum_gradients(module):
             m.set_force_sum_reduction_for_comms(True)  # ... as a plain SUM on every backend
 
 
-def _shard_backbone(backbone, precision, extra=None):
+def _shard_backbone(backbone, precision, offload, extra=None):
     """fully_shard each vision block and text decoder layer of a Qwen-VL backbone, then the backbone itself as the
     root unit (with `extra`'s parameters, a module outside it that must share the root: the lm_head)."""
-    kwargs = _fsdp_kwargs(precision)
+    kwargs = _fsdp_kwargs(precision, offload)
     for unit in layout.vision_blocks(backbone) + layout.decoder_layers(backbone):
         fully_shard(unit, **kwargs)
     if extra is not None:  # registered under the backbone while the root is built, its weights join the root unit
@@ -300,7 +311,7 @@ def _shard_backbone(backbone, precision, extra=None):
         del backbone.sharded_extra  # the state dict keeps its own keys
 
 
-def shard_model(model, precision):
+def shard_model(model, precision, offload=False):
     """Shard a Qwen-VL policy with FSDP2, in place; returns it.
 
     One FSDP unit per vision block and per text decoder layer, and the root unit: the backbone (utils/layout.py)
@@ -311,26 +322,29 @@ def shard_model(model, precision):
     backward, which is when lm_head runs. (`model(...)`, e.g. generate(), works too.)
     Sharded parameters, gradients and so AdamW state stay fp32 (a LoRA policy's frozen base stays as loaded);
     precision "bf16-mixed" computes in bf16 and reduces gradients in fp32. Gradients are summed over ranks (not
-    averaged): policy_update divides the loss by global counts. In one process the model is returned as it is.
+    averaged): policy_update divides the loss by global counts. `offload` (OFFLOAD_OPTIMIZER): FSDP2's
+    CPUOffloadPolicy keeps the sharded parameters, their gradients and so the AdamW state in CPU memory (the
+    optimizer steps on the CPU); each unit's shards are copied to the GPU for its all-gather, and its gradient
+    shards back. In one process the model is returned as it is.
     """
     if not is_distributed():
         return model
     # lm_head sits outside the backbone; FSDP swaps its weight (sharded / gathered) on lm_head as on every module
     # that holds it.
-    _shard_backbone(layout.backbone(model), precision, extra=layout.lm_head(model))
+    _shard_backbone(layout.backbone(model), precision, offload, extra=layout.lm_head(model))
     _sum_gradients(model)
     return model
 
 
-def shard_critic(critic, policy, precision):
+def shard_critic(critic, policy, precision, offload=False):
     """Shard PPO's critic like the policy: its head is a unit of its own (its gradient is summed over ranks like
     every other), and a separate backbone is sharded as the policy's. A shared backbone is the policy's, already
     sharded. In one process the critic is returned as it is."""
     if not is_distributed():
         return critic
     if critic.backbone is not layout.backbone(policy):
-        _shard_backbone(critic.backbone, precision)
-    fully_shard(critic.head)  # fp32 always: the head runs outside autocast
+        _shard_backbone(critic.backbone, precision, offload)
+    fully_shard(critic.head, **_fsdp_kwargs("fp32", offload))  # fp32 always: the head runs outside autocast
     _sum_gradients(critic)
     return critic
 
@@ -359,6 +373,19 @@ def gather_full_state_dict(model, to_all_ranks=False):
 
 
 def full_tensor(tensor):
-    """A sharded parameter (DTensor) gathered whole on every rank (every rank must call it); a tensor as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """A sharded parameter (DTensor) gathered whole on every rank (every rank must call it); a tensor as it is.
+    An offloaded shard (in CPU memory, its mesh on the GPUs) is gathered on the GPUs, through NCCL."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    local, mesh = tensor.to_local(), tensor.device_mesh
+    if local.device.type != mesh.device_type:
+        tensor = DTensor.from_local(local.to(mesh.device_type), mesh, tensor.placements, shape=tensor.shape,
+                                    stride=tensor.stride())
+    return tensor.full_tensor()
+
+
+def compute_device(module):
+    """The device `module` computes on: the rank's under torchrun (an offloaded policy's parameters are in CPU
+    memory, gathered onto the GPU for each pass), else its parameters'."""
+    return current_world().device if is_distributed() else next(module.parameters()).device
 

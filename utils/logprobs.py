@@ -8,6 +8,7 @@ import torch
 from utils import flops, layout
 from utils.attention import BucketMasses
 from utils.batch import slice_inputs
+from utils.distributed import compute_device
 from utils.generation import prompt_positions
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # fp32 logits of one chunk of logprobs_from_hidden, bytes; sets the chunk length
@@ -61,7 +62,7 @@ def completion_hidden_states(backbone, prompt_inputs, completion_ids, completion
 
     prompt_inputs: processor batch [b, P]; completion_ids, completion_mask: [b, L]. Returns [b, L+1, H].
     """
-    device = next(backbone.parameters()).device
+    device = compute_device(backbone)
     length = completion_ids.shape[1]
     whole_rows = backbone.is_activation_checkpointing and backbone.training
     if whole_rows or (torch.is_grad_enabled() and fsdp_sharded(backbone)):

@@ -92,6 +92,7 @@ class ModelSpec(Spec):
     max_pixels: int = constant("MAX_PIXELS", low=0)
     cpu_threads: int = constant("CPU_THREADS", low=0, resumable=True)
     gradient_checkpointing: bool = constant("GRADIENT_CHECKPOINTING", resumable=True)
+    offload_optimizer: bool = constant("OFFLOAD_OPTIMIZER", resumable=True)
     freeze_vision_tower: bool = constant("FREEZE_VISION_TOWER")
     seed: int = constant("SEED")
 
@@ -101,6 +102,9 @@ class ModelSpec(Spec):
                 raise UserError(f"{name}={device!r}: expected 'auto', 'cpu' or 'cuda:N'")
             if device.startswith("cuda") and not torch.cuda.is_available():
                 raise UserError(f"{name}={device!r}: torch sees no GPU here; use 'cpu' or 'auto'")
+        if self.offload_optimizer and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+            raise UserError("OFFLOAD_OPTIMIZER=True offloads FSDP2's shards: launch with torchrun and 2 or more ranks "
+                            "(`torchrun --nproc_per_node=N ...`, docs/scaling_out.md)")
         check_model_path(self.name_or_path, self.trust_remote_code)
 
 

@@ -85,7 +85,7 @@ class Run:
 
     def open(self, script):
         """Join torchrun's process group (docs/scaling_out.md), open the run folder and the trackers, seed."""
-        self.world = init_distributed()  # under torchrun: this process's rank; else one process
+        self.world = init_distributed(cpu_collectives=self.specs.model.offload_optimizer)  # torchrun: this rank
         self.log = open_run_log(self.specs.run.runs_dir, self.algo, self.config, script,
                                 (self.dir, self.start) if self.resume else None)
         self.dir, self.print, self.warn = self.log.dir, self.log.print, self.log.warn
@@ -236,7 +236,7 @@ def load_models(specs, run, reference):
     processor = load_processor(path, m.trust_remote_code, m.min_pixels, m.max_pixels)
     policy = load_trainable_model(path, policy_device, m, specs.lora, precision, run.resume)  # LoRA: + adapters
     rollout = make_rollout_model(policy, rollout_device, inference_dtype(precision))  # bf16 / merged copy, or itself
-    policy = shard_model(policy, precision)  # torchrun: FSDP2 shards (fp32 master weights); one process: as it is
+    policy = shard_model(policy, precision, m.offload_optimizer)  # torchrun: FSDP2 shards; one process: as it is
     lora, ref = specs.lora.enabled, None
     if reference:  # the starting model; with LoRA the policy without its adapters (no copy)
         ref = AdaptersOff(policy) if lora else load_reference_model(path, rollout_device, inference_dtype(precision),

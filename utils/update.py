@@ -10,8 +10,8 @@ import torch
 
 from utils.attention import BucketMasses
 from utils.batch import slice_inputs
-from utils.distributed import (all_reduce_mean, all_reduce_sum, equal_passes, gather_rows, grad_norm_value,
-                               rank_uniform)
+from utils.distributed import (all_reduce_mean, all_reduce_sum, compute_device, equal_passes, gather_rows,
+                               grad_norm_value, rank_uniform)
 from utils.layout import backbone
 from utils.logprobs import Passes, completion_hidden_states, logprobs_from_hidden
 from utils.precision import autocast
@@ -73,7 +73,7 @@ def policy_update(policy, optimizer, batch, targets, loss, optim, passes=Passes(
     flag_sums = {}  # statistic -> sum over loss tokens: the loss's own (clip fractions, kl), the critic's
     counted_tokens, valid_tokens, updates, skipped = 0, 0, 0, 0
     mismatch_tokens = 0  # valid tokens behind logp_mismatch
-    device = next(policy.parameters()).device
+    device = compute_device(policy)
     generator = torch.Generator().manual_seed(0)
     for _ in range(optim.epochs):
         order = torch.randperm(n, generator=generator) if optim.mini_batches > 1 else torch.arange(n)
@@ -154,7 +154,7 @@ def token_selection(policy, batch, targets, rows, n_micro, micro, loss, passes):
     """utils.rl.select_tokens over the mini-batch `rows`, from the policy's log-probs and entropies before its
     update: one pass without gradients (n_micro passes of `micro` rows, as many on every rank). Returns
     {name: [len(rows), L] bool} on the CPU."""
-    device = next(policy.parameters()).device
+    device = compute_device(policy)
     logps, entropies = [], []
     for start in range(0, n_micro * micro, micro):
         chunk = rows[start : start + micro]
