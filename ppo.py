@@ -83,6 +83,7 @@ MAX_NEW_TOKENS = 24  # L_max: completion length limit in tokens
 TEMPERATURE = 1.0  # sampling temperature (log-probs are computed at the same temperature)
 TOP_P = 1.0  # nucleus sampling; 1.0 = off
 GENERATION_BATCH_SIZE = 128  # sequences generated at once
+COMPILED_DECODE = False  # bool; static KV cache + torch.compile'd decode step (slower than eager on a CPU: docs)
 
 # ── Rewards ───────────────────────────────────────────────────────────────────────────────────────
 W_ACCURACY = 3.0  # weight of the accuracy reward (1 right / 0 wrong)

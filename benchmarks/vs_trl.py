@@ -48,8 +48,12 @@ def workload_settings(name, processor):
     return side, 64
 
 
+PHASES = ("step_s", "generate_s", "logprob_s", "update_s", "mfu_generate", "mfu_update")
+
+
 def run_ours(image_size, max_new_tokens, steps, threads, seed):
-    """Per-step seconds of `python dapo.py --DYNAMIC_SAMPLING=False` (its perf/step_s), warm-up step dropped."""
+    """Per-step {phase: value} of `python dapo.py --DYNAMIC_SAMPLING=False` (its perf/* metrics: step time, the time
+    of each phase, the MFU of generation and of the update), warm-up step dropped."""
     with tempfile.TemporaryDirectory() as runs:
         cmd = [sys.executable, "dapo.py", "--DYNAMIC_SAMPLING=False", f"--TOTAL_STEPS={steps + 1}",
                f"--TRAIN_BATCH_PROMPTS={PROMPTS}", f"--GROUP_SIZE={GROUP_SIZE}", f"--IMAGE_SIZE={image_size}",
@@ -60,7 +64,7 @@ def run_ours(image_size, max_new_tokens, steps, threads, seed):
         (run_dir,) = [os.path.join(runs, d) for d in os.listdir(runs)]
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-    return [r["perf/step_s"] for r in rows if r.get("step", 0) >= 2]
+    return [{k: r[f"perf/{k}"] for k in PHASES} for r in rows if r.get("step", 0) >= 2]
 
 
 def run_trl(image_size, max_new_tokens, steps, threads, seed):
@@ -183,13 +187,19 @@ def main():
             if has_trl:
                 times["trl"] += run_trl(image_size, max_new_tokens, args.steps, args.threads, D.SEED + r)
             times["ours"] += run_ours(image_size, max_new_tokens, args.steps, args.threads, D.SEED + r)
-        ours = statistics.median(times["ours"])
+        phase = {k: statistics.median(r[k] for r in times["ours"]) for k in PHASES}
+        ours = phase["step_s"]
         line = f"{name:<13} ({image_size}x{image_size} images, <= {max_new_tokens} new tokens): ours {ours:.3f}"
         if has_trl:
             theirs = statistics.median(times["trl"])
             line += f" | TRL {theirs:.3f} | ours / TRL = {ours / theirs:.2f} (TRL is {theirs / ours:.2f}x slower)"
         rate = generation_tokens_per_s(image_size, max_new_tokens, args.threads, D.SEED)
         print(line + f" | our generation alone: {rate:.0f} completion tokens/s", flush=True)
+        rest = ours - phase["generate_s"] - phase["logprob_s"] - phase["update_s"]
+        print(f"  ours by phase (medians): generation and scoring {phase['generate_s']:.3f} s (MFU "
+              f"{100 * phase['mfu_generate']:.1f}%), log-prob passes {phase['logprob_s']:.3f} s, update "
+              f"{phase['update_s']:.3f} s (MFU {100 * phase['mfu_update']:.1f}%), the rest {rest:.3f} s (advantages, "
+              f"metrics, logging)", flush=True)
 
 
 if __name__ == "__main__":

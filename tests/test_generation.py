@@ -1,5 +1,9 @@
-"""The shared-prefill decode loop (utils/generation.py) against transformers' generate and teacher forcing."""
+"""The shared-prefill decode loop (utils/generation.py) against transformers' generate and teacher forcing; the
+compiled static-cache decode against the eager loop."""
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from data.prompts import encode_prompts
@@ -52,15 +56,17 @@ def test_greedy_matches_transformers_generate_on_qwen2_vl(tmp_path):
     assert_greedy_matches_hf_generate(load_model(path, "cpu", torch.float32), load_processor(path), max_new_tokens=8)
 
 
-def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path, compiled):
     """The returned log-probs equal a forward pass over prompt + completion (at the sampling temperature);
-    vision tokens are never sampled; each row ends at its first end token and is padded after it."""
+    vision tokens are never sampled; each row ends at its first end token and is padded after it. The same holds
+    for the compiled static-cache decode (COMPILED_DECODE), whose rows stay in the batch after they end."""
     processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32)
     pad, eos, G = processor.tokenizer.pad_token_id, eos_ids_of(model), 4
     suppress = suppressed_token_ids(processor.tokenizer)
     inputs = encode_prompts(processor, examples(3, seed=4))
     generator = torch.Generator().manual_seed(0)
-    decoding = Decoding(20, temperature=2.0, top_p=0.95, suppress_ids=tuple(suppress))
+    decoding = Decoding(20, temperature=2.0, top_p=0.95, suppress_ids=tuple(suppress), compiled=compiled)
     ids, logp, log_kept = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad,
                                              generator=generator)
     mask, ended = completion_mask_from_ids(ids, eos)
@@ -79,6 +85,26 @@ def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path):
     again, _, _ = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad,
                                      generator=torch.Generator().manual_seed(0))
     assert torch.equal(ids, again)
+
+
+def test_compiled_static_cache_decode_gives_the_eager_loops_greedy_tokens(tiny_vlm_path):
+    """COMPILED_DECODE: greedy decoding on the static KV cache through the compiled step gives the eager loop's tokens
+    (left-padded prompts, rows ending at different steps), and a second call reuses the compiled step."""
+    from utils.generation import _COMPILED_STEPS
+
+    processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32).eval()
+    inputs, pad, eos = encode_prompts(processor, examples(5)), processor.tokenizer.pad_token_id, eos_ids_of(model)
+    assert (inputs["attention_mask"] == 0).any(), "the check needs left padding"
+    greedy = Decoding(16, greedy=True)
+    expected, expected_logp, _ = sample_completions(model, inputs, 2, greedy, eos_ids=eos, pad_id=pad)
+    mask, ended = completion_mask_from_ids(expected, eos)
+    assert ended.any() and len(set(mask.sum(1).tolist())) > 1, "the check needs rows that end at different steps"
+    compiled = replace(greedy, compiled=True)
+    for _ in range(2):
+        ids, logp, _ = sample_completions(model, inputs, 2, compiled, eos_ids=eos, pad_id=pad)
+        assert torch.equal(ids, expected)
+        assert torch.allclose(logp, expected_logp, atol=1e-4)
+    assert model in _COMPILED_STEPS
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

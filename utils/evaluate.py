@@ -24,11 +24,12 @@ def pass_at_k(n, c, k):
 
 
 @torch.no_grad()
-def evaluate(model, processor, dataset, spec, max_new_tokens, generation_batch_size, suppress_ids=(), seed=0):
+def evaluate(model, processor, dataset, spec, max_new_tokens, generation_batch_size, suppress_ids=(), seed=0,
+             compiled=False):
     """Score the first `spec.samples` examples of `dataset` (an EvalSpec: EVAL_SAMPLES, EVAL_TEMPERATURE, EVAL_TOP_P,
     EVAL_SAMPLES_PER_PROMPT, EVAL_BLANK_IMAGE): greedy decoding at temperature 0, else k samples per question drawn
     from a generator seeded by `seed` (each evaluation draws the same random numbers, and the training's random
-    stream is never touched); each completion scored by every reward of REWARDS.
+    stream is never touched); each completion scored by every reward of REWARDS. `compiled`: COMPILED_DECODE.
 
     Examples that cannot be used (undecodable, rejected by the processor) are skipped with a warning.
     Returns {"eval/<reward>"} (the mean over every completion: "eval/accuracy", "eval/format"); when examples carry a
@@ -48,7 +49,7 @@ def evaluate(model, processor, dataset, spec, max_new_tokens, generation_batch_s
         raise ValueError(f"none of the first {spec.samples} held-out examples can be used (see the warnings)")
     k, greedy = spec.samples_per_prompt, spec.temperature == 0
     decoding = Decoding(max_new_tokens, temperature=spec.temperature or 1.0, top_p=spec.top_p, greedy=greedy,
-                        suppress_ids=suppress_ids)
+                        suppress_ids=suppress_ids, compiled=compiled)
     label = "eval (greedy)" if greedy else f"eval ({k} per question, T={spec.temperature:g})"
 
     def correct(examples, desc):  # [n, k] accuracy of each completion, and the scores of every reward

@@ -5,12 +5,19 @@ prompt G times. Here each distinct prompt is encoded and prefilled once; its KV 
 of its group, and tokens are sampled one at a time. Rows that have ended leave the batch (their cache rows are
 dropped), and the loop stops when every row has ended.
 
+With `Decoding.compiled` (COMPILED_DECODE) the decode steps run instead on a static KV cache (preallocated for the
+prompt and every new token, written in place) through one `torch.compile`d step, every row staying in the batch
+until all have ended: fixed shapes, so one compiled graph serves every step (`decode_static`). It is a different
+rounding of the same model, tested against the eager loop (greedy tokens equal, sampled log-probs to 1e-4); whether
+it pays depends on the machine (docs/benchmarks.md: not on this project's 2-core CPU).
+
 Positions are the ones the model's own teacher-forced forward pass uses (utils/logprobs.py): Qwen2-VL's mrope
 positions from `get_rope_index` for image prompts, so that the log-probs of the sampled tokens equal those a
 later forward pass computes. They are passed explicitly at every step, so the model's `rope_deltas` state (which
 transformers keeps between a prefill and its decode steps) is neither read nor written.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +28,15 @@ from utils import flops, layout
 @dataclass(frozen=True)
 class Decoding:
     """How completions are decoded: at most max_new_tokens tokens; logits / temperature, `suppress_ids` never
-    sampled, then nucleus (top_p) sampling — or the argmax when `greedy`."""
+    sampled, then nucleus (top_p) sampling — or the argmax when `greedy`; `compiled`: the decode steps on a static
+    KV cache, compiled (COMPILED_DECODE)."""
 
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     greedy: bool = False
     suppress_ids: tuple = ()
+    compiled: bool = False
 
 
 def prompt_positions(backbone, prompt_inputs):
@@ -81,49 +90,77 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
                                       generator=generator)
         finally:
             model.train()
-    max_new_tokens, temperature, top_p = decoding.max_new_tokens, decoding.temperature, decoding.top_p
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompt_inputs.items()}
     backbone, lm_head = layout.backbone(model), layout.lm_head(model)
     positions, next_position = prompt_positions(backbone, inputs)  # [3, B, P], [B]
-    out = backbone(**inputs, position_ids=positions, use_cache=True)
-    cache = out.past_key_values
-    logits = lm_head(out.last_hidden_state[:, -1])  # [B, V]
+    prefill = backbone(**inputs, position_ids=positions, use_cache=True)
+    cache = prefill.past_key_values
+    logits = lm_head(prefill.last_hidden_state[:, -1])  # [B, V]
     flops.count_prompts(backbone, inputs)
     flops.count_logits(model, len(logits))
 
     # Each prompt's cache, logits and position to its G rows.
     cache.batch_repeat_interleave(group_size)
     logits = logits.repeat_interleave(group_size, 0)  # [N, V], N = B*G
-    attention_mask = inputs["attention_mask"].repeat_interleave(group_size, 0)  # [N, P + t]
+    attention_mask = inputs["attention_mask"].repeat_interleave(group_size, 0)  # [N, P]
     next_position = next_position.repeat_interleave(group_size, 0)  # [N]
-    n = logits.shape[0]
-    eos = torch.tensor(list(eos_ids), device=device)
-    suppress = torch.tensor(list(decoding.suppress_ids), dtype=torch.long, device=device)
-    completion_ids = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, L_max]
-    logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)  # [N, L_max]
-    log_kept = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)  # [N, L_max]
-    alive = torch.arange(n, device=device)  # rows still generating; the cache holds exactly these rows
+    out = Completions(len(logits), decoding, eos_ids, pad_id, generator, device)
+    if decoding.compiled:
+        decode_static(model, cache, logits, attention_mask, next_position, out)
+    else:
+        decode_eager(backbone, lm_head, cache, logits, attention_mask, next_position, out)
+    completion_ids, logprobs, log_kept = out.trimmed()
+    count_decoding(model, inputs["attention_mask"].sum(1).repeat_interleave(group_size), completion_ids, out.eos)
+    return completion_ids, logprobs, log_kept
 
-    length = 0
-    for t in range(max_new_tokens):
-        scores = logits.float() / temperature  # [n_alive, V]
+
+class Completions:
+    """The decode loop's outputs, filled step by step: completion_ids [N, L_max] (pad_id after the end), the log-prob
+    of each sampled token and the log of the mass suppression and top-p left at its step (fp32, 0 after the end)."""
+
+    def __init__(self, n, decoding, eos_ids, pad_id, generator, device):
+        self.decoding, self.generator, self.pad_id, self.length = decoding, generator, pad_id, 0
+        self.eos = torch.tensor(list(eos_ids), device=device)
+        self.suppress = torch.tensor(list(decoding.suppress_ids), dtype=torch.long, device=device)
+        self.ids = torch.full((n, decoding.max_new_tokens), pad_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((n, decoding.max_new_tokens), dtype=torch.float32, device=device)
+        self.log_kept = torch.zeros((n, decoding.max_new_tokens), dtype=torch.float32, device=device)
+
+    def sample(self, t, rows, logits):
+        """Token t of the output rows `rows` [n] from their logits [n, V]; returns the tokens [n] and which of the
+        rows go on (did not sample an end token) [n]."""
+        scores = logits.float() / self.decoding.temperature  # [n, V]
         log_probs = torch.log_softmax(scores, -1)
-        if len(suppress):
-            scores[:, suppress] = float("-inf")
-        if decoding.greedy:
+        if len(self.suppress):
+            scores[:, self.suppress] = float("-inf")
+        if self.decoding.greedy:
             tokens = scores.argmax(-1)
         else:
-            if top_p < 1.0:
-                scores = top_p_filter(scores, top_p)
-            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        completion_ids[alive, t] = tokens
-        logprobs[alive, t] = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        if len(suppress) or top_p < 1.0:  # the mass of the tokens that could still be sampled
-            log_kept[alive, t] = torch.logsumexp(log_probs.masked_fill(scores == float("-inf"), float("-inf")), -1)
-        length = t + 1
-        running = ~torch.isin(tokens, eos)  # [n_alive]
-        if t == max_new_tokens - 1 or not running.any():
+            if self.decoding.top_p < 1.0:
+                scores = top_p_filter(scores, self.decoding.top_p)
+            tokens = torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
+        self.ids[rows, t] = tokens
+        self.logprobs[rows, t] = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        if len(self.suppress) or self.decoding.top_p < 1.0:  # the mass of the tokens that could still be sampled
+            self.log_kept[rows, t] = torch.logsumexp(log_probs.masked_fill(scores == float("-inf"), float("-inf")),
+                                                     -1)
+        self.length = t + 1
+        return tokens, ~torch.isin(tokens, self.eos)
+
+    def trimmed(self):
+        """completion_ids, logprobs, log_kept [N, L], L the longest completion."""
+        return self.ids[:, :self.length], self.logprobs[:, :self.length], self.log_kept[:, :self.length]
+
+
+def decode_eager(backbone, lm_head, cache, logits, attention_mask, next_position, out):
+    """The decode loop on transformers' dynamic KV cache: rows that end leave the batch (their cache rows dropped),
+    and the loop stops when every row has ended. logits [N, V] of the first new token; attention_mask [N, P];
+    next_position [N]: each row's position of its first new token."""
+    alive = torch.arange(len(logits), device=logits.device)  # rows still generating; the cache holds exactly these
+    for t in range(out.decoding.max_new_tokens):
+        tokens, running = out.sample(t, alive, logits)
+        if t == out.decoding.max_new_tokens - 1 or not running.any():
             break
         if not running.all():  # ended rows leave the batch
             keep = running.nonzero().squeeze(1)
@@ -132,13 +169,77 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
             attention_mask, next_position = attention_mask[keep], next_position[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], 1)
         position_ids = next_position.view(1, -1, 1).expand(3, -1, 1)  # [3, n_alive, 1]: text, so t = h = w
-        out = backbone(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True)
-        logits = lm_head(out.last_hidden_state[:, -1])
+        hidden = backbone(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True).last_hidden_state
+        logits = lm_head(hidden[:, -1])
         next_position = next_position + 1
-    completion_ids = completion_ids[:, :length]
-    count_decoding(model, inputs["attention_mask"].sum(1).repeat_interleave(group_size), completion_ids, eos)
-    return completion_ids, logprobs[:, :length], log_kept[:, :length]
+
+
+class StaticKV:
+    """A preallocated KV cache: every layer's keys and values [N, kv heads, length, head dim], the prompt's copied
+    in from transformers' cache, each decode step's written in place at position `index` (what the model's
+    attention layers call: update(key, value, layer_idx)). Attention runs over the whole length, masked."""
+
+    def __init__(self, cache, length):
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            for prefilled, store in ((layer.keys, self.keys), (layer.values, self.values)):
+                n, heads, prompt, dim = prefilled.shape
+                buffer = prefilled.new_zeros(n, heads, length, dim)
+                buffer[:, :, :prompt] = prefilled
+                store.append(buffer)
+        self.index = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.index, key)
+        self.values[layer_idx].index_copy_(2, self.index, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+_COMPILED_STEPS = weakref.WeakKeyDictionary()  # model -> its compiled decode step (compiled once, on first use)
+
+
+def compiled_decode_step(model):
+    """`step(tokens [N, 1], position_ids [3, N, 1], mask [N, 1, 1, length] bool, cache: StaticKV) -> logits [N, V]`:
+    the text decoder's forward pass for one new token per row, with the attention mask given whole (no mask is
+    built per step), compiled with `torch.compile` once per model (and once more per new batch shape)."""
+    if model not in _COMPILED_STEPS:
+        text, lm_head = layout.text_decoder(model), layout.lm_head(model)
+
+        def step(tokens, position_ids, mask, cache):
+            hidden = text.embed_tokens(tokens)
+            rope = text.rotary_emb(hidden, position_ids)
+            for layer in text.layers:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=cache,
+                               use_cache=True)
+            return lm_head(text.norm(hidden)[:, -1])
+
+        _COMPILED_STEPS[model] = torch.compile(step, fullgraph=True)
+    return _COMPILED_STEPS[model]
+
+
+def decode_static(model, cache, logits, attention_mask, next_position, out):
+    """The decode loop on a StaticKV cache through the compiled step (arguments as decode_eager's). Every row stays in
+    the batch (fixed shapes: no recompilation); an ended row is fed padding and its outputs are not recorded. The
+    cache's length is the prompt's plus max_new_tokens, rounded up to a multiple of 64 so that batches whose prompt
+    lengths differ a little share one compiled graph."""
+    n, prompt = attention_mask.shape
+    length = -(-(prompt + out.decoding.max_new_tokens) // 64) * 64
+    static, step = StaticKV(cache, length), compiled_decode_step(model)
+    mask = torch.zeros(n, 1, 1, length, dtype=torch.bool, device=logits.device)
+    mask[:, 0, 0, :prompt] = attention_mask.bool()
+    running = torch.ones(n, dtype=torch.bool, device=logits.device)
+    for t in range(out.decoding.max_new_tokens):
+        rows = running.nonzero().squeeze(1)
+        tokens, goes_on = out.sample(t, rows, logits[rows])
+        running[rows] = goes_on
+        if t == out.decoding.max_new_tokens - 1 or not running.any():
+            break
+        feed = torch.full((n,), out.pad_id, dtype=torch.long, device=logits.device)
+        feed[rows] = tokens
+        mask[:, 0, 0, prompt + t] = True
+        static.index.fill_(prompt + t)
+        logits = step(feed.unsqueeze(1), (next_position + t).view(1, -1, 1).expand(3, -1, 1), mask, static)
 
 
 def count_decoding(model, prompt_lengths, completion_ids, eos):

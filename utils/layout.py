@@ -58,9 +58,14 @@ def vision_blocks(model_or_backbone):
     return list(vision_tower(model_or_backbone).blocks)
 
 
+def text_decoder(model_or_backbone):
+    """The text decoder: token embedding (`embed_tokens`), rotary embedding (`rotary_emb`), `layers`, final `norm`."""
+    return _backbone_of(model_or_backbone).language_model
+
+
 def decoder_layers(model_or_backbone):
     """The text decoder's layers, as a list."""
-    return list(_backbone_of(model_or_backbone).language_model.layers)
+    return list(text_decoder(model_or_backbone).layers)
 
 
 def hidden_size(model):

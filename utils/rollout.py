@@ -92,7 +92,8 @@ def sample_and_score(models, examples, n, specs, weights):
     """n completions for each example from the generating model (utils.trainer.Models), as the RolloutSpec
     specs.rollout says, scored by every reward (utils/rewards.py) with the step's reward `weights`."""
     r = specs.rollout
-    decoding = Decoding(r.max_new_tokens, r.temperature, r.top_p, suppress_ids=models.suppress_ids)
+    decoding = Decoding(r.max_new_tokens, r.temperature, r.top_p, suppress_ids=models.suppress_ids,
+                        compiled=r.compiled_decode)
     rollout = generate(models.rollout, models.processor, examples, n, decoding, r.generation_batch_size, "generate")
     rewards = score_completions(rollout.texts, [ex["solution"] for ex in rollout.examples],
                                 rollout.completion_mask.sum(1).tolist(), weights, specs.rewards, r.max_new_tokens)

@@ -189,6 +189,7 @@ class RolloutSpec(Spec):
     temperature: float = constant("TEMPERATURE", above=0)
     top_p: float = constant("TOP_P", above=0, high=1)
     generation_batch_size: int = constant("GENERATION_BATCH_SIZE", low=1)
+    compiled_decode: bool = constant("COMPILED_DECODE", resumable=True)
     dynamic_sampling: bool = constant("DYNAMIC_SAMPLING")
     dynamic_sampling_mode: str = constant("DYNAMIC_SAMPLING_MODE", choices=("refill", "topup"))
     max_gen_batches: int = constant("MAX_GEN_BATCHES", low=1)

@@ -120,7 +120,7 @@ class Run:
         m = self.models
         s = self.specs
         return evaluate(m.rollout, m.processor, self.eval_data, s.eval, s.rollout.max_new_tokens,
-                        s.rollout.generation_batch_size, m.suppress_ids, s.model.seed)
+                        s.rollout.generation_batch_size, m.suppress_ids, s.model.seed, s.rollout.compiled_decode)
 
     def steps(self):
         """The training steps left (1-based), with a progress bar; ends early once a signal stopped the run."""
