@@ -8,6 +8,7 @@ import torch
 
 from data.prompts import encode_prompts
 from tests.test_model import examples, qwen2_vl_checkpoint
+from utils import layout
 from utils.batch import slice_inputs
 from utils.generation import Decoding, sample_completions, top_p_filter
 from utils.logprobs import completion_logprobs
@@ -89,7 +90,8 @@ def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path, compiled):
 
 def test_compiled_static_cache_decode_gives_the_eager_loops_greedy_tokens(tiny_vlm_path):
     """COMPILED_DECODE: greedy decoding on the static KV cache through the compiled step gives the eager loop's tokens
-    (left-padded prompts, rows ending at different steps), and a second call reuses the compiled step."""
+    (left-padded prompts, rows ending at different steps), a second call reuses the compiled step, and it decodes
+    with the weights as they are now (an optimizer step changes them in place)."""
     from utils.generation import _COMPILED_STEPS
 
     processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32).eval()
@@ -105,6 +107,12 @@ def test_compiled_static_cache_decode_gives_the_eager_loops_greedy_tokens(tiny_v
         assert torch.equal(ids, expected)
         assert torch.allclose(logp, expected_logp, atol=1e-4)
     assert model in _COMPILED_STEPS
+    with torch.no_grad():  # as an optimizer step does: in place
+        for p in layout.decoder_layers(model)[0].mlp.parameters():
+            p.mul_(3.0)
+    updated, _, _ = sample_completions(model, inputs, 2, greedy, eos_ids=eos, pad_id=pad)
+    assert not torch.equal(updated, expected)
+    assert torch.equal(sample_completions(model, inputs, 2, compiled, eos_ids=eos, pad_id=pad)[0], updated)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
