@@ -6,7 +6,8 @@ H100-class GPU), paste what it prints into the README's GPU figures, naming the 
 
 1. A bf16-mixed DAPO step at the random-init Qwen2.5-VL-3B shape (benchmarks/real_shape.py: 8 prompts x 8, a
    1,280-visual-token image, 512 new tokens, gradient checkpointing), full fine-tuning and LoRA rank 64, with its
-   peak memory per part, next to the plan's estimate for the same shape (`real_shape.py --plan`).
+   peak memory and model FLOPs utilisation (against the GPU's dense bf16 peak, utils/flops.py) per part, next to
+   the plan's estimate for the same shape (`real_shape.py --plan`).
 2. Generation speed at that shape: the step's generated tokens per second (8 x 8 completions of 512 new tokens).
 3. `torchrun --nproc_per_node=<GPUs>` of dapo.py for 2 steps on NCCL (the tiny VLM); with 2 or more GPUs again with
    OFFLOAD_OPTIMIZER=True (the shards in CPU memory: the gradient norm's collectives on gloo, the generation copy's
@@ -62,8 +63,13 @@ def step_summary(path):
     (result,) = json.load(open(path)).values()
     if "oom" in result:
         return f"out of memory: {result['oom']}"
-    parts = result["parts"]
-    lines = [f"{part}: peak {rec['peak'] / 2**30:.1f} GiB, {rec['seconds']:.1f} s" for part, rec in parts.items()]
+    parts, peak = result["parts"], result.get("peak_flops")
+
+    def mfu(rec):
+        return f", MFU {100 * rec['flops'] / rec['seconds'] / peak:.1f}%" if rec.get("flops") and peak else ""
+
+    lines = [f"{part}: peak {rec['peak'] / 2**30:.1f} GiB, {rec['seconds']:.1f} s{mfu(rec)}" for part, rec in
+             parts.items()]
     tokens = result["completion_tokens"] / parts["generation"]["seconds"]
     lines.append(f"generation: {tokens:,.0f} tokens/s ({result['completion_tokens']} tokens)")
     return "\n    ".join(lines)

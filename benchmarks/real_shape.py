@@ -55,7 +55,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import dapo as D  # noqa: E402  (the trainer's constants)
 from data.prompts import encode_prompts  # noqa: E402
 from data.synthetic import SyntheticVQA  # noqa: E402
-from utils import layout  # noqa: E402
+from utils import flops, layout  # noqa: E402
 from utils.config import constants_of  # noqa: E402
 from utils.generation import Decoding  # noqa: E402
 from utils.logprobs import LOGITS_BUDGET_BYTES, Passes, batched_logprobs  # noqa: E402
@@ -155,7 +155,8 @@ def proc_status_kb(field):
 
 
 class PartMeter:
-    """Seconds and peak memory of each part: GPU allocated bytes, or CPU resident bytes (RSS)."""
+    """Seconds, model FLOPs (utils/flops.py) and peak memory of each part: GPU allocated bytes, or CPU resident bytes
+    (RSS)."""
 
     def __init__(self, device):
         self.device, self.parts = device, {}
@@ -189,13 +190,14 @@ class PartMeter:
         start_bytes, start = self.current(), time.perf_counter()
         record = {"start": start_bytes}
         self.parts[part] = record
+        flops.take()  # the FLOPs counted from here are this part's
         try:
             out = fn()
         except torch.OutOfMemoryError:
             record.update(oom=True, peak=self.peak())
             raise
         self.sync()
-        record.update(seconds=time.perf_counter() - start, peak=self.peak(), end=self.current())
+        record.update(seconds=time.perf_counter() - start, peak=self.peak(), end=self.current(), flops=flops.take())
         return out
 
 
@@ -269,6 +271,7 @@ def child(args):
                       image_tokens=int((batch.prompt_inputs["input_ids"] == image_id).sum()) // len(batch))
     except torch.OutOfMemoryError as e:
         result["oom"] = str(e).split("\n")[0]
+    result["peak_flops"] = flops.peak_flops(device, "bf16-mixed")  # the GPU's dense bf16 peak (or this CPU's)
     with open(args.child_out, "w") as f:
         json.dump(result, f)
 
