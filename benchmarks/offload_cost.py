@@ -7,11 +7,12 @@ state in CPU memory, so AdamW steps on the CPU and every step moves the shards b
 1. The CPU path, measured: `torchrun --nproc_per_node=2 dapo.py` (the tiny VLM, gloo) with OFFLOAD_OPTIMIZER off
    and on, alternating, each in a subprocess with one warm-up step dropped; the median `perf/step_s` of each.
    On a CPU the "host" is the device: this is the offload policy's bookkeeping, not a transfer.
-2. AdamW on this CPU, measured: one torch.optim.AdamW step (foreach, the trainers' optimizer) over --adam-params fp32
+2. AdamW on this CPU, measured: one torch.optim.AdamW step (the trainers' optimizer, its default CPU path) over --adam-params fp32
    parameters with every core, in seconds per billion parameters — the step a GPU run hands to the host.
 3. What that means for Qwen2.5-VL-7B (the exact configuration, counted on the meta device) on 2 GPUs: each rank's
-   shard, the CPU AdamW time of both ranks sharing this host's cores (by 2.), and the bytes each rank moves per step
-   (its fp32 shards to the GPU for the forward's and the backward's all-gathers, its fp32 gradient shards back), and
+   shard, the CPU AdamW time of both ranks sharing this host's cores (by 2.), and the bytes each rank moves per
+   forward + backward pass (its fp32 shards to the GPU for the forward's and the backward's all-gathers, its fp32
+   gradient shards back; a step runs one pass per micro-batch, and no-grad passes add a forward's worth each), and
    their time at --pcie-gbps (an assumed bandwidth, printed as such: measure it with benchmarks/gpu_check.py on a
    GPU).
 """
@@ -104,8 +105,9 @@ def main():
     print(f"3. Qwen2.5-VL-7B ({total / 1e9:.2f}B parameters) on 2 GPUs: {shard / 1e9:.2f}B per rank, "
           f"{16 * shard / GiB:.1f} GiB of fp32 weights, gradients and AdamW state per rank in CPU memory; "
           f"AdamW of both ranks on this host's {os.cpu_count()} cores: {per_billion * total / 1e9:.1f} s a step; "
-          f"host-GPU traffic {moved / GiB:.1f} GiB per rank a step, {moved / 1e9 / args.pcie_gbps:.1f} s at an "
-          f"assumed {args.pcie_gbps:.0f} GB/s (overlapped with compute by FSDP2's prefetching, in part)")
+          f"host-GPU traffic {moved / GiB:.1f} GiB per rank per forward + backward pass (one per micro-batch), "
+          f"{moved / 1e9 / args.pcie_gbps:.1f} s at an assumed {args.pcie_gbps:.0f} GB/s (overlapped with compute by "
+          f"FSDP2's prefetching, in part)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """The shared-prefill decode loop (utils/generation.py) against transformers' generate and teacher forcing; the
 compiled static-cache decode against the eager loop."""
 
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
+
+from utils import generation
 
 from data.prompts import encode_prompts
 from tests.test_model import examples, qwen2_vl_checkpoint
@@ -57,8 +60,14 @@ def test_greedy_matches_transformers_generate_on_qwen2_vl(tmp_path):
     assert_greedy_matches_hf_generate(load_model(path, "cpu", torch.float32), load_processor(path), max_new_tokens=8)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path, compiled):
+# COMPILED_DECODE's step through torch.compile with Inductor (C++ kernels: a compiler is needed) and through the
+# "eager" backend (the same graph, uncompiled: the static cache's bookkeeping on any machine).
+BACKENDS = ["eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="Inductor needs a C++ compiler"))]
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS], ids=["eager loop", "static, eager", "static, inductor"])
+def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path, backend, monkeypatch):
     """The returned log-probs equal a forward pass over prompt + completion (at the sampling temperature);
     vision tokens are never sampled; each row ends at its first end token and is padded after it. The same holds
     for the compiled static-cache decode (COMPILED_DECODE), whose rows stay in the batch after they end."""
@@ -67,7 +76,8 @@ def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path, compiled):
     suppress = suppressed_token_ids(processor.tokenizer)
     inputs = encode_prompts(processor, examples(3, seed=4))
     generator = torch.Generator().manual_seed(0)
-    decoding = Decoding(20, temperature=2.0, top_p=0.95, suppress_ids=tuple(suppress), compiled=compiled)
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", backend or "inductor")
+    decoding = Decoding(20, temperature=2.0, top_p=0.95, suppress_ids=tuple(suppress), compiled=backend is not None)
     ids, logp, log_kept = sample_completions(model, inputs, G, decoding, eos_ids=eos, pad_id=pad,
                                              generator=generator)
     mask, ended = completion_mask_from_ids(ids, eos)
@@ -88,12 +98,12 @@ def test_sampling_logprobs_are_the_teacher_forced_ones(tiny_vlm_path, compiled):
     assert torch.equal(ids, again)
 
 
-def test_compiled_static_cache_decode_gives_the_eager_loops_greedy_tokens(tiny_vlm_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_static_cache_decode_gives_the_eager_loops_greedy_tokens(tiny_vlm_path, backend, monkeypatch):
     """COMPILED_DECODE: greedy decoding on the static KV cache through the compiled step gives the eager loop's tokens
     (left-padded prompts, rows ending at different steps), a second call reuses the compiled step, and it decodes
     with the weights as they are now (an optimizer step changes them in place)."""
-    from utils.generation import _COMPILED_STEPS
-
+    monkeypatch.setattr(generation, "COMPILE_BACKEND", backend)
     processor, model = load_processor(tiny_vlm_path), load_model(tiny_vlm_path, "cpu", torch.float32).eval()
     inputs, pad, eos = encode_prompts(processor, examples(5)), processor.tokenizer.pad_token_id, eos_ids_of(model)
     assert (inputs["attention_mask"] == 0).any(), "the check needs left padding"
@@ -106,7 +116,7 @@ def test_compiled_static_cache_decode_gives_the_eager_loops_greedy_tokens(tiny_v
         ids, logp, _ = sample_completions(model, inputs, 2, compiled, eos_ids=eos, pad_id=pad)
         assert torch.equal(ids, expected)
         assert torch.allclose(logp, expected_logp, atol=1e-4)
-    assert model in _COMPILED_STEPS
+    assert list(generation._COMPILED_STEPS[model]) == [backend]
     with torch.no_grad():  # as an optimizer step does: in place
         for p in layout.decoder_layers(model)[0].mlp.parameters():
             p.mul_(3.0)

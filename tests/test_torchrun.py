@@ -40,6 +40,11 @@ def metrics_rows(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
+def untimed(row):
+    """A metrics row without its timings (perf/*): what must repeat exactly on resume."""
+    return {k: v for k, v in row.items() if not k.startswith("perf/")}
+
+
 @pytest.mark.parametrize("script", ["dapo.py", "grpo.py", "ppo.py"])
 def test_two_ranks_train_three_steps(tiny_vlm_path, tmp_path, script):
     run_dir, stdout = torchrun(script, tmp_path / "runs")
@@ -80,7 +85,6 @@ def test_two_ranks_train_three_steps(tiny_vlm_path, tmp_path, script):
         torchrun(script, tmp_path / "runs", f"--RESUME={os.path.join(run_dir, 'checkpoints', 'step_1')}")
         resumed = metrics_rows(run_dir)
         assert [r["step"] for r in resumed] == [0, 1, 2, 3]
-        untimed = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}  # noqa: E731
         assert [untimed(r) for r in resumed] == [untimed(r) for r in rows]
 
 
@@ -100,7 +104,6 @@ def test_two_ranks_train_lora_adapters_and_resume_exactly(tiny_vlm_path, tmp_pat
     if any(r["policy/advantage_abs_mean"] > 0 for r in rows[2:]):  # (unless every group of steps 2-3 was flat)
         assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # trained in steps 2-3
     torchrun("dapo.py", tmp_path / "runs", *lora, f"--RESUME={os.path.join(run_dir, 'checkpoints', 'step_1')}")
-    untimed = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}  # noqa: E731
     assert [untimed(r) for r in metrics_rows(run_dir)] == [untimed(r) for r in rows]
 
 
@@ -114,5 +117,4 @@ def test_offloaded_optimizer_state_trains_and_resumes_exactly(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and re.search(r"OFFLOAD_OPTIMIZER +=  *true", stdout)
     assert all(r["policy/updates"] == 1 and r["policy/skipped_updates"] == 0 for r in rows[1:])
     torchrun("dapo.py", tmp_path / "runs", *offload, f"--RESUME={os.path.join(run_dir, 'checkpoints', 'step_1')}")
-    untimed = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}  # noqa: E731
     assert [untimed(r) for r in metrics_rows(run_dir)] == [untimed(r) for r in rows]

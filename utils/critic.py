@@ -5,7 +5,7 @@ from torch import nn
 
 from utils import layout
 from utils.batch import slice_inputs
-from utils.distributed import equal_passes
+from utils.distributed import compute_device, equal_passes
 from utils.logprobs import completion_hidden_states
 from utils.precision import autocast, no_autocast
 
@@ -43,7 +43,7 @@ class Critic(nn.Module):
         Returns [B, L] on CPU. Under torchrun every rank runs as many passes as the busiest (a sharded forward
         gathers weights from all ranks); the extra ones rerun the first rows and are dropped."""
         out = []
-        device = self.head.weight.device
+        device = compute_device(self)  # an offloaded head's weight is in CPU memory
         n = len(batch)
         for start in range(0, equal_passes(n, micro_batch_size) * micro_batch_size, micro_batch_size):
             rows = slice(start, start + micro_batch_size) if start < n else slice(0, 1)
@@ -67,5 +67,6 @@ def build_critic(specs, models):
     else:  # a separate copy of the starting model, without its language-model head
         body = layout.backbone(load_trainable_model(models.path, models.policy_device, specs.model, specs.lora,
                                                     models.precision))  # LoRA: its own adapters
-    critic = Critic(body, layout.hidden_size(models.policy), specs.critic).to(models.policy_device).train()
+    critic = Critic(body, layout.hidden_size(models.policy), specs.critic).train()
+    critic.head.to(models.policy_device)  # the backbone is there already (and the policy's may be sharded)
     return shard_critic(critic, models.policy, models.precision, specs.model.offload_optimizer)  # torchrun

@@ -329,6 +329,9 @@ def shard_model(model, precision, offload=False):
     """
     if not is_distributed():
         return model
+    if offload and _on_gpus() and "gloo" not in dist.get_backend():
+        raise RuntimeError("offloaded shards need gloo beside NCCL for the gradient norm: "
+                           "init_distributed(cpu_collectives=True)")
     # lm_head sits outside the backbone; FSDP swaps its weight (sharded / gathered) on lm_head as on every module
     # that holds it.
     _shard_backbone(layout.backbone(model), precision, offload, extra=layout.lm_head(model))
@@ -377,10 +380,8 @@ def full_tensor(tensor):
     An offloaded shard (in CPU memory, its mesh on the GPUs) is gathered on the GPUs, through NCCL."""
     if not isinstance(tensor, DTensor):
         return tensor
-    local, mesh = tensor.to_local(), tensor.device_mesh
-    if local.device.type != mesh.device_type:
-        tensor = DTensor.from_local(local.to(mesh.device_type), mesh, tensor.placements, shape=tensor.shape,
-                                    stride=tensor.stride())
+    if tensor.device.type != tensor.device_mesh.device_type:
+        tensor = tensor.to(tensor.device_mesh.device_type, non_blocking=True)
     return tensor.full_tensor()
 
 

@@ -8,8 +8,9 @@ dropped), and the loop stops when every row has ended.
 With `Decoding.compiled` (COMPILED_DECODE) the decode steps run instead on a static KV cache (preallocated for the
 prompt and every new token, written in place) through one `torch.compile`d step, every row staying in the batch
 until all have ended: fixed shapes, so one compiled graph serves every step (`decode_static`). It is a different
-rounding of the same model, tested against the eager loop (greedy tokens equal, sampled log-probs to 1e-4); whether
-it pays depends on the machine (docs/benchmarks.md: not on this project's 2-core CPU).
+rounding of the same model: tested against the eager loop (the same greedy tokens) and against teacher forcing
+(sampled log-probs to 1e-4). Whether it pays depends on the machine (docs/benchmarks.md: not on this project's
+2-core CPU). It assumes full attention in every layer (Qwen2-VL and Qwen2.5-VL: no sliding windows) and sdpa.
 
 Positions are the ones the model's own teacher-forced forward pass uses (utils/logprobs.py): Qwen2-VL's mrope
 positions from `get_rope_index` for image prompts, so that the log-probs of the sampled tokens equal those a
@@ -95,8 +96,8 @@ def sample_completions(model, prompt_inputs, group_size, decoding, *, eos_ids, p
     backbone, lm_head = layout.backbone(model), layout.lm_head(model)
     positions, next_position = prompt_positions(backbone, inputs)  # [3, B, P], [B]
     prefill = backbone(**inputs, position_ids=positions, use_cache=True)
-    cache = prefill.past_key_values
-    logits = lm_head(prefill.last_hidden_state[:, -1])  # [B, V]
+    cache, logits = prefill.past_key_values, lm_head(prefill.last_hidden_state[:, -1])  # [B, V]
+    del prefill  # its hidden states [B, P, H]
     flops.count_prompts(backbone, inputs)
     flops.count_logits(model, len(logits))
 
@@ -196,14 +197,18 @@ class StaticKV:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-_COMPILED_STEPS = weakref.WeakKeyDictionary()  # model -> its compiled decode step (compiled once, on first use)
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for the decode step; tests also run "eager" (no C++ compiler)
+_COMPILED_STEPS = weakref.WeakKeyDictionary()  # model -> {backend: its compiled decode step}
 
 
 def compiled_decode_step(model):
     """`step(tokens [N, 1], position_ids [3, N, 1], mask [N, 1, 1, length] bool, cache: StaticKV) -> logits [N, V]`:
     the text decoder's forward pass for one new token per row, with the attention mask given whole (no mask is
-    built per step), compiled with `torch.compile` once per model (and once more per new batch shape)."""
-    if model not in _COMPILED_STEPS:
+    built per step), through `torch.compile` (COMPILE_BACKEND). The weights are read as they are at each call (an
+    optimizer step changes them in place). Dynamo compiles a graph on the first call, and once more when a second
+    batch shape comes (with the shapes dynamic from then on); models of one architecture share it."""
+    steps = _COMPILED_STEPS.setdefault(model, {})
+    if COMPILE_BACKEND not in steps:
         text, lm_head = layout.text_decoder(model), layout.lm_head(model)
 
         def step(tokens, position_ids, mask, cache):
@@ -214,18 +219,20 @@ def compiled_decode_step(model):
                                use_cache=True)
             return lm_head(text.norm(hidden)[:, -1])
 
-        _COMPILED_STEPS[model] = torch.compile(step, fullgraph=True)
-    return _COMPILED_STEPS[model]
+        steps[COMPILE_BACKEND] = torch.compile(step, backend=COMPILE_BACKEND, fullgraph=True)
+    return steps[COMPILE_BACKEND]
 
 
 def decode_static(model, cache, logits, attention_mask, next_position, out):
-    """The decode loop on a StaticKV cache through the compiled step (arguments as decode_eager's). Every row stays in
-    the batch (fixed shapes: no recompilation); an ended row is fed padding and its outputs are not recorded. The
-    cache's length is the prompt's plus max_new_tokens, rounded up to a multiple of 64 so that batches whose prompt
-    lengths differ a little share one compiled graph."""
+    """The decode loop on a StaticKV cache through the compiled step: `model` the generating model, the other
+    arguments as decode_eager's (transformers' prefilled `cache` is emptied once copied). Every row stays in the batch
+    (fixed shapes); an ended row is fed padding and its outputs are not recorded. The cache's length is the prompt's
+    plus max_new_tokens, rounded up to a multiple of 64 so that batches whose prompt lengths differ a little have
+    one shape."""
     n, prompt = attention_mask.shape
     length = -(-(prompt + out.decoding.max_new_tokens) // 64) * 64
     static, step = StaticKV(cache, length), compiled_decode_step(model)
+    cache.layers.clear()  # the prompt's keys and values live on in `static` only
     mask = torch.zeros(n, 1, 1, length, dtype=torch.bool, device=logits.device)
     mask[:, 0, 0, :prompt] = attention_mask.bool()
     running = torch.ones(n, dtype=torch.bool, device=logits.device)
