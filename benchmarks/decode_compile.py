@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from dataclasses import replace
 
 os.environ["TQDM_DISABLE"] = "1"
@@ -22,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from step_time import load  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+from step_time import load, rollout_arguments, seconds_of  # noqa: E402  (benchmarks/ is on the path)
 
 from data.synthetic import SyntheticVQA  # noqa: E402
 from utils.generation import Decoding  # noqa: E402
@@ -30,18 +29,9 @@ from utils.model import suppressed_token_ids  # noqa: E402
 from utils.rollout import generate  # noqa: E402
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="embedded", help="embedded | random:tiny | random:small | checkpoint folder")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    rollout_arguments(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
@@ -55,7 +45,7 @@ def main():
 
     def run(decoding, seed, max_new_tokens=None):
         decoding = replace(decoding, max_new_tokens=max_new_tokens or decoding.max_new_tokens)
-        return timed(lambda: generate(model, processor, examples, args.group_size, decoding,
+        return seconds_of(lambda: generate(model, processor, examples, args.group_size, decoding,
                                       generator=torch.Generator().manual_seed(seed)))
 
     first, _ = run(paths["compiled"], 0)  # compiles

@@ -13,14 +13,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ["TQDM_DISABLE"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from step_time import load  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+from step_time import load, rollout_arguments, seconds_of  # noqa: E402  (benchmarks/ is on the path)
 
 from data.synthetic import SyntheticVQA  # noqa: E402
 from utils.generation import Decoding  # noqa: E402
@@ -32,11 +31,8 @@ from utils.specs import LoraSpec  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="embedded", help="embedded | random:tiny | random:small | checkpoint folder")
+    rollout_arguments(p)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
@@ -53,20 +49,15 @@ def main():
     examples = [data[i] for i in range(args.prompts)]
     decoding = Decoding(args.max_new_tokens, suppress_ids=tuple(suppressed_token_ids(processor.tokenizer)))
 
-    def timed(fn):
-        start = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - start, out
-
     times, tokens = {"adapters": [], "merged": []}, {}
     for i in range(args.repeats + 1):  # the first round warms up
         for name, m in (("adapters", policy), ("merged", merged)):
             torch.manual_seed(i)
-            seconds, rollout = timed(lambda: generate(m, processor, examples, args.group_size, decoding))
+            seconds, rollout = seconds_of(lambda: generate(m, processor, examples, args.group_size, decoding))
             if i:
                 times[name].append(seconds)
                 tokens[name] = int(rollout.completion_mask.sum())
-    sync = [timed(lambda: sync_merged(policy, merged))[0] for _ in range(args.repeats)]
+    sync = [seconds_of(lambda: sync_merged(policy, merged))[0] for _ in range(args.repeats)]
     n_params = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
     print(f"{args.model}, LoRA rank {args.rank} on the text decoder ({n_params / 1e6:.3f}M adapter parameters), "
           f"{args.prompts}x{args.group_size} completions of <= {args.max_new_tokens} tokens, {args.threads} threads, "

@@ -118,12 +118,24 @@ def one_step(specs, policy, reference, optimizer, processor, examples, suppress,
     return times, completion, completion + int(batch.prompt_inputs["attention_mask"].sum())
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def seconds_of(fn):
+    """(seconds fn() took, its result)."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def rollout_arguments(p):
+    """The options every generation benchmark here shares: the model and the rollout's shape."""
     p.add_argument("--model", default="embedded", help="embedded | random:tiny | random:small | checkpoint folder")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    rollout_arguments(p)
     p.add_argument("--micro-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads; 0 = torch's default")
     p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
